@@ -1,0 +1,330 @@
+"""Every stage's configuration, declared once.
+
+Each stage has one pydantic model here; every other view of a config is derived from it:
+- CLI flags: `add_config_flags` turns each field into `--kebab-case` with the field's help text;
+- the JSON a torchrun child reads with `--config cfg.json`: `model_dump_json` / `model_validate_json`;
+- flat dotted params for MLflow: `flatten`;
+- the Prefect flow parameter schema: the flow takes `PipelineConfig` directly.
+Defaults are the d20 speedrun's; presets.py derives the other variants from them. No torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nanochat_core.errors import UserError, describe_validation_error
+
+FINEWEB_EDU_URL = (
+    "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
+    "shard_{index:05d}.parquet"
+)
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class CorpusConfig(StageConfig):
+    """`nanochat corpus build`: the sample pretraining corpus from packaged text."""
+
+    tiers: list[Literal["lit", "docs", "ref"]] = Field(
+        ["lit", "docs"],
+        description="source tiers, comma-separated: lit (public-domain literature), docs "
+        "(permissive documentation), ref (GPL/GFDL dictionaries and docs)",
+    )
+    shard_chars: int = Field(2_000_000, ge=10_000, description="characters per sample shard")
+    out: str | None = Field(
+        None, description="output directory or fsspec URL (default: <base>/sample_corpus)"
+    )
+
+
+class DownloadConfig(StageConfig):
+    """`nanochat download`: pretraining shards 0..N-1 plus the val shard into <base>/base_data."""
+
+    num_shards: int = Field(
+        240, ge=1, description="training shards to fetch (the val shard comes on top)"
+    )
+    source: str = Field(
+        FINEWEB_EDU_URL,
+        description="URL template with {index}: https://..., s3://bucket/prefix/..., file:// or a path",
+    )
+    workers: int = Field(4, ge=1, le=64, description="parallel downloads")
+    val_index: int | None = Field(
+        None, ge=0, description="index of the val shard (default: the highest index at the source)"
+    )
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+class TokTrainConfig(StageConfig):
+    """`nanochat tok-train`: byte-level BPE on the first shards."""
+
+    max_chars: int = Field(2_000_000_000, ge=1, description="characters of training text to use")
+    doc_cap: int = Field(10_000, ge=1, description="crop each document to this many characters")
+    vocab_size: int = Field(
+        65_536, ge=256 + 9 + 1, description="vocabulary size: 256 bytes + merges + 9 special tokens"
+    )
+
+
+class TokEvalConfig(StageConfig):
+    """`nanochat tok-eval`: bytes and characters per token on held-out text."""
+
+    max_docs: int = Field(1_000, ge=1, description="documents of each held-out sample to encode")
+
+
+# --- pretraining ------------------------------------------------------------------------------
+
+
+class BaseTrainConfig(StageConfig):
+    """`nanochat base-train`: pretraining. Depth is the one dial; the plan derives the rest."""
+
+    depth: int = Field(20, ge=1, description="number of transformer layers")
+    aspect_ratio: int = Field(64, ge=1, description="model_dim = depth * aspect_ratio")
+    head_dim: int = Field(128, ge=8, description="attention head dimension")
+    kv_head_ratio: int = Field(
+        1, ge=1, description="query heads per key/value head (GQA); 1 = plain multi-head"
+    )
+    max_seq_len: int = Field(2048, ge=8, description="context length in tokens")
+    device_batch_size: int = Field(32, ge=1, description="sequences per device per forward/backward")
+    total_batch_size: int = Field(
+        524_288, ge=1, description="tokens per optimizer step across all devices"
+    )
+    num_iterations: int = Field(-1, description="explicit number of steps (-1: derive)")
+    target_flops: float = Field(-1.0, description="derive steps from a compute budget (-1: off)")
+    target_param_data_ratio: float = Field(
+        20.0, description="derive steps as tokens = ratio * params (Chinchilla; -1: off)"
+    )
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr for the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr for lm_head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon lr for the transformer matrices")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps of lr warmup")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps of lr warmdown")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="lr multiplier at the last step")
+    eval_every: int = Field(250, description="steps between val bpb evaluations (-1: end only)")
+    eval_tokens: int = Field(20 * 524_288, ge=1, description="val tokens per bpb evaluation")
+    sample_every: int = Field(2000, description="steps between sample generations (-1: off)")
+    save_every: int = Field(-1, description="steps between checkpoints (-1: only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints to keep")
+    resume: bool = Field(False, description="continue from the latest complete checkpoint")
+    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    nnodes: int = Field(1, ge=1, description="nodes for torchrun (c10d rendezvous)")
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
+        "auto", description="device to train on (auto: cuda if present, else cpu)"
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="compute dtype (auto: bf16 where the hardware trains well in it)"
+    )
+    compile: bool = Field(True, description="torch.compile the model where it helps")
+    seed: int = Field(42, description="random seed")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+class PlanConfig(StageConfig):
+    """`nanochat plan`: the hardware and cost assumptions behind the estimates."""
+
+    gpu: str = Field("h100", description="device kind for peak FLOPS and memory (see hardware.py)")
+    mfu: float = Field(0.4, gt=0, le=1, description="assumed model FLOPS utilisation")
+    usd_per_gpu_hour: float = Field(3.0, ge=0, description="price of one device-hour")
+    chars_per_token: float = Field(
+        4.8, gt=0, description="characters per token of the tokenizer (tok_eval measures it)"
+    )
+    chars_per_shard: float = Field(250e6, gt=0, description="characters per pretraining shard")
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+class PipelineConfig(StageConfig):
+    """The whole speedrun: one config per stage. Presets return this type; the flow takes it."""
+
+    preset: str = Field("d20", description="name of the preset this config came from")
+    corpus: CorpusConfig = CorpusConfig()
+    download: DownloadConfig = DownloadConfig()
+    tok_train: TokTrainConfig = TokTrainConfig()
+    tok_eval: TokEvalConfig = TokEvalConfig()
+    base_train: BaseTrainConfig = BaseTrainConfig()
+    plan: PlanConfig = PlanConfig()
+
+
+# --- derived views ----------------------------------------------------------------------------
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flat dotted params (`base_train.depth`) for MLflow."""
+    out: dict[str, Any] = {}
+    for name, value in cfg:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        elif isinstance(value, list):
+            out[key] = ",".join(map(str, value))
+        else:
+            out[key] = value
+    return out
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _parse_int(text: str) -> int:
+    """Integers, also written as 2e9 or 2_000_000."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _flag_type(annotation: Any):
+    """The argparse `type`/`choices` for a field annotation; None for non-flag fields."""
+    inner, optional = _unwrap_optional(annotation)
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(typing.get_args(inner))}
+    if origin is list:
+        item = typing.get_args(inner)[0]
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
+
+        def parse_list(text: str) -> list[str]:
+            items = [s.strip() for s in text.split(",") if s.strip()]
+            bad = [s for s in items if choices and s not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(
+                    f"{bad[0]!r} is not one of {', '.join(choices)}"
+                )
+            return items
+
+        return {"type": parse_list}
+    if inner is int:
+        return {"type": _parse_int}
+    if inner in (float, str):
+        return {"type": inner}
+    return None
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, stage: str, only: list[str] | None = None
+) -> None:
+    """Add one `--kebab-case` flag per field of the pipeline's `stage` config (or just `only`).
+
+    Unset flags stay absent (`SUPPRESS`), so a flag overrides the preset only when given.
+    """
+    cls = PipelineConfig.model_fields[stage].annotation
+    group = parser.add_argument_group(f"{stage} ({cls.__doc__.splitlines()[0]})")
+    for name, field in cls.model_fields.items():
+        kind = _flag_type(field.annotation)
+        if kind is None or (only is not None and name not in only):
+            continue
+        help_text = f"{field.description} (default: {field.default})"
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"{stage}.{name}",
+            metavar=name.upper() if "type" in kind else None,
+            default=argparse.SUPPRESS,
+            help=help_text.replace("%", "%%"),
+            **kind,
+        )
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: ...`, exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def stage_parser(prog: str, description: str, stages: dict[str, list[str] | None]) -> argparse.ArgumentParser:
+    """A stage command's parser: `--preset`, `--config cfg.json`, then the stages' own flags."""
+    parser = CommandParser(prog=prog, description=description)
+    parser.add_argument("--preset", default=None, help="start from this preset (default: d20)")
+    parser.add_argument(
+        "--config", default=None, help="pipeline config JSON written by the launcher (flags still override)"
+    )
+    for stage, only in stages.items():
+        add_config_flags(parser, stage, only)
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> PipelineConfig:
+    """The pipeline config a stage command runs with: preset or `--config` file, then its flags."""
+    from nanochat_core.presets import get_preset
+
+    if ns.config is not None and ns.preset is not None:
+        raise UserError("pass either --preset or --config, not both; --config already holds a preset")
+    cfg = load_json(PipelineConfig, ns.config) if ns.config else get_preset(ns.preset or "d20")
+    flags: dict[str, dict[str, Any]] = {}
+    for key, value in vars(ns).items():
+        stage, dot, field = key.partition(".")
+        if dot:
+            flags.setdefault(stage, {})[field] = value
+    update = {stage: override(getattr(cfg, stage), values) for stage, values in flags.items()}
+    return cfg.model_copy(update=update)
+
+
+def override(cfg: StageConfig, values: dict[str, Any]) -> StageConfig:
+    """A copy of `cfg` with `values` applied and validated; errors name the flag and the fix."""
+    try:
+        return type(cfg).model_validate({**cfg.model_dump(), **values})
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e)) from None
+
+
+def load_json(cls: type[StageConfig], path: str | Path) -> StageConfig:
+    """Read the `--config cfg.json` a launcher wrote for a child process."""
+    try:
+        return cls.model_validate_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass the path the launcher wrote") from None
+    except ValidationError as e:
+        raise UserError(
+            f"config file {path}: {describe_validation_error(e, flag_style=False)}"
+        ) from None
+
+
+def set_dotted(cfg: PipelineConfig, assignment: str) -> PipelineConfig:
+    """Apply `stage.field=value` (the speedrun's `--set`) to a pipeline config, validated."""
+    key, sep, raw = assignment.partition("=")
+    stage, dot, field = key.strip().partition(".")
+    if not sep or not dot:
+        raise UserError(f"--set {assignment!r} is not stage.field=value; write e.g. base_train.depth=4")
+    if stage not in PipelineConfig.model_fields or not isinstance(getattr(cfg, stage), BaseModel):
+        raise UserError(f"--set {assignment!r}: unknown stage {stage!r}; stages are {', '.join(stage_names())}")
+    sub = getattr(cfg, stage)
+    if field not in type(sub).model_fields:
+        raise UserError(f"--set {assignment!r}: {stage} has no field {field!r}; see `nanochat plan --help`")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # bare strings: --set download.source=s3://bucket/x
+    return cfg.model_copy(update={stage: override(sub, {field: value})})
+
+
+def stage_names() -> list[str]:
+    return [n for n, f in PipelineConfig.model_fields.items() if isinstance(f.default, BaseModel)]

@@ -1,0 +1,51 @@
+"""Errors a user can cause, and the one place they become a one-sentence message.
+
+Anything a user can get wrong (a config value, a missing shard, a corrupt checkpoint) is raised as
+`UserError` with a sentence that names the problem and the fix. Entry points wrap their body in
+`exit_on_user_error`, which prints that sentence and exits with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from pydantic import ValidationError
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message is one sentence naming the problem and the fix."""
+
+
+def describe_validation_error(err: ValidationError, flag_style: bool = True) -> str:
+    """One sentence for the first problem in a pydantic ValidationError, naming the field as a flag."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"] if not isinstance(part, int)]
+    name = loc[-1] if loc else "value"
+    field = "--" + name.replace("_", "-") if flag_style else ".".join(loc)
+    value = first.get("input")
+    msg = first["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    if first["type"] == "extra_forbidden":
+        return f"unknown setting {'.'.join(loc)!s}; check its spelling against `nanochat <stage> --help`"
+    return f"invalid value {value!r} for {field}: {msg}; pass a valid value or drop the flag"
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Run an entry point; turn UserError / ValidationError into `error: ...` and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except ValidationError as e:
+            print(f"error: {describe_validation_error(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper  # type: ignore[return-value]

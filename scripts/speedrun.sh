@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-./.venv/bin/nanochat plan --preset tiny "$@"
+./.venv/bin/nanochat speedrun --preset tiny "$@"

@@ -1,0 +1,91 @@
+"""The `nanochat` flow: speedrun.sh as a DAG of cached, retried stages.
+
+    nanochat speedrun --preset tiny                      # this machine, embedded defaults
+    prefect deployment run nanochat/speedrun             # on the configured work pools
+
+    corpus* ─> download ─┬─> tok_train ─┬─> tok_eval
+                         │              │
+                         └──────────────┴─> base_train ─> base_eval <── eval_bundle
+                                                            └──────────────────────> report
+    (* only when the shards come from the sample corpus)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+
+from flows.tasks import settings, stage_task
+from nanochat_core import tracking
+from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
+from nanochat_core.errors import UserError
+
+# Shards the tokenizer trains on come first; the rest keep downloading while it trains (speedrun.sh's `&`).
+TOKENIZER_SHARDS = 8
+# Stages a run may leave out; the others feed a later stage.
+SKIPPABLE = {"tok_eval", "eval_bundle", "base_eval", "report"}
+
+
+@flow(name="nanochat", log_prints=True)
+def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refresh: list[str] = []) -> dict[str, Any]:
+    """Run the pipeline for `cfg`; `skip` leaves stages out, `refresh` re-runs stages despite their cache."""
+    bad = set(skip) - SKIPPABLE
+    if bad:
+        raise UserError(f"cannot skip {', '.join(sorted(bad))}: later stages need it; skippable: {', '.join(sorted(SKIPPABLE))}")
+    ctx = FlowRunContext.get()
+    parent = tracking.start_pipeline_run(
+        f"{cfg.preset}-{ctx.flow_run.name}", flatten(cfg),
+        {"preset": cfg.preset, "prefect_flow_run_id": str(ctx.flow_run.id)},
+    )
+
+    def submit(stage: str, inputs: dict, c: PipelineConfig = cfg, name: str | None = None, retries: int = 0, **kw):
+        t = stage_task(stage, retries).with_options(task_run_name=name or stage, refresh_cache=stage in refresh)
+        return t.submit(stage, settings(c, stage), inputs, c, parent, **kw)
+
+    refs: dict[str, Any] = {}
+    try:
+        # The sample corpus (embedded default) is built first; download then reads it like any source.
+        source = {"corpus": submit("corpus", {}).result()} if cfg.download.source == SAMPLE_SOURCE else {}
+        refs.update(source)
+        head = min(cfg.download.num_shards, TOKENIZER_SHARDS)
+        first = submit("download", source, _with(cfg, "download", num_shards=head), name=f"download[:{head}]")
+        shards = submit("download", source) if cfg.download.num_shards > head else first
+        tokenizer = submit("tok_train", {"shards": first})
+        tok_eval = None if "tok_eval" in skip else submit("tok_eval", {"tokenizer": tokenizer, "shards": first})
+        train = cfg.base_train
+        model = submit("base_train", {"tokenizer": tokenizer, "shards": shards}, retries=1,
+                       nproc_per_node=train.nproc_per_node, nnodes=train.nnodes)
+        bundle = None if "eval_bundle" in skip or "base_eval" in skip else submit("eval_bundle", {})
+        base_eval = None
+        if "base_eval" not in skip:
+            base_eval = submit("base_eval", {"model": model, "eval_bundle": bundle} if bundle else {"model": model},
+                               nproc_per_node=train.nproc_per_node, nnodes=train.nnodes)
+        futures = {"download": shards, "tok_train": tokenizer, "tok_eval": tok_eval, "base_train": model,
+                   "eval_bundle": bundle, "base_eval": base_eval}
+        refs.update({name: f.result() for name, f in futures.items() if f is not None})
+        if "report" not in skip:
+            refs["report"] = submit("report", dict(refs)).result()
+            _publish_report(parent, refs["report"])
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    return {"mlflow_run_id": parent, "refs": refs}
+
+
+def _with(cfg: PipelineConfig, stage: str, **fields) -> PipelineConfig:
+    return cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(update=fields)})
+
+
+def _publish_report(parent_run_id: str, ref: dict) -> None:
+    """The report card as a Prefect markdown artifact and on the MLflow parent run."""
+    from nanochat_core import storage
+
+    markdown = storage.read_text(ref["path"].rstrip("/") + "/report.md")
+    create_markdown_artifact(markdown=markdown, key="nanochat-report", description="nanochat report card")
+    if "://" not in ref["path"]:
+        tracking.log_artifact(parent_run_id, ref["path"], "report")
+    get_run_logger().info(f"report: {ref['path']}/report.md")

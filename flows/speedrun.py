@@ -1,0 +1,114 @@
+"""`nanochat speedrun`: the `nanochat` flow on this machine with embedded defaults.
+
+    nanochat speedrun --preset tiny
+    nanochat speedrun --preset d4-cpu --set base_train.num_iterations=200 --refresh base_train
+
+Embedded defaults: Prefect's local (ephemeral) API with its database in <base>/prefect, analytics off;
+MLflow in sqlite:///<base>/mlflow.db; shards from the sample corpus. Set PREFECT_API_URL or
+MLFLOW_TRACKING_URI to use servers instead. Ends with each stage's final state and time, where the
+report is, and the commands that open both UIs on these stores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from nanochat_core.config import CommandParser, set_dotted, stage_names
+from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.paths import base_dir
+from nanochat_core.presets import PRESETS, get_preset
+
+
+def embedded_defaults(root: str) -> dict[str, str]:
+    """Environment for a self-contained run: nothing leaves the machine, nothing lands in ~."""
+    local = root if "://" not in root else str(Path.home() / ".cache" / "nanochat-flow")
+    env = {
+        "PREFECT_HOME": str(Path(local) / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",  # MLflow wants the word `true`
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        # A fresh ephemeral database takes ~14 s to start here; the default 20 s is too tight on a busy CI box.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    }
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def parse(argv: list[str] | None):
+    parser = CommandParser(prog="nanochat speedrun", description="Run the whole pipeline as the `nanochat` Prefect flow.")
+    parser.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)} (default: tiny)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                        help="override one config field, e.g. --set base_train.num_iterations=100 (repeatable)")
+    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE",
+                        help=f"re-run this stage even if cached (repeatable); stages: {', '.join(stage_names())}")
+    parser.add_argument("--skip", action="append", default=[], metavar="STAGE",
+                        help="leave this stage out on purpose (repeatable)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    ns = parse(argv)
+    cfg = get_preset(ns.preset)
+    for assignment in ns.sets:
+        cfg = set_dotted(cfg, assignment)
+    os.environ.update(embedded_defaults(base_dir()))  # before Prefect is imported: it reads settings at import
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+    from flows.nanochat import nanochat
+
+    started = time.time()
+    state = nanochat(cfg, skip=ns.skip, refresh=ns.refresh, return_state=True)
+    wall = time.time() - started
+    rows = stage_summary(state.state_details.flow_run_id)
+    print(format_summary(rows, wall))
+    if state.is_failed():
+        print(f"\nthe run failed: {_failure(state)}", file=sys.stderr)
+        raise SystemExit(1)
+    result = state.result()
+    report = result["refs"].get("report", {}).get("path")
+    print(f"\nreport: {report}/report.md" if report else "\nreport: skipped")
+    print(f"MLflow parent run: {result['mlflow_run_id']}")
+    print("\nopen the UIs on these stores:")
+    print(f"  PREFECT_HOME={os.environ['PREFECT_HOME']} {sys.prefix}/bin/prefect server start")
+    from nanochat_core.tracking import tracking_uri
+
+    print(f"  {sys.prefix}/bin/mlflow ui --backend-store-uri {tracking_uri()} --workers 1")
+
+
+def stage_summary(flow_run_id) -> list[dict]:
+    """Each task run of the flow run: name, final state (Completed / Cached / Failed) and seconds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    rows = []
+    for run in sorted(runs, key=lambda r: r.expected_start_time or r.created):
+        seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0
+        rows.append({"stage": run.name, "state": run.state.name if run.state else "?", "seconds": seconds})
+    return rows
+
+
+def format_summary(rows: list[dict], wall: float) -> str:
+    width = max([len(r["stage"]) for r in rows] + [5])
+    lines = [f"{'stage':<{width}}  {'state':<10} {'time':>9}"]
+    lines += [f"{r['stage']:<{width}}  {r['state']:<10} {r['seconds']:>8.1f}s" for r in rows]
+    staged = sum(r["seconds"] for r in rows)
+    lines.append(f"{'total':<{width}}  {'':<10} {wall:>8.1f}s  (stages {staged:.1f}s, orchestration {wall - staged:.1f}s)")
+    return "\n".join(lines)
+
+
+def _failure(state) -> str:
+    try:
+        state.result()
+    except UserError as e:
+        return str(e)
+    except Exception as e:  # the stage's own message already carries its last lines
+        return str(e).splitlines()[0]
+    return state.message or "unknown error"

@@ -32,6 +32,8 @@ SECTIONS: dict[str, list[str]] = {
 }
 # Stages that train from checkpoints: a retry continues from the latest one.
 RESUMABLE = {"base_train"}
+# Stages whose output is a model: registered as a version of the MLflow model `nanochat`.
+CHECKPOINT_STAGES = {"base_train"}
 
 
 def result_storage() -> Path | None:
@@ -71,6 +73,9 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     if run_id:
         tracking.log_metric_rows(run_id, tracking.read_jsonl(ref["metrics_path"])) if ref.get("metrics_path") else None
         tracking.log_figures(run_id, ref)
+        if stage in CHECKPOINT_STAGES:
+            ref["model_uri"] = tracking.register_checkpoint(run_id, ref["path"], {"stage": stage})
+            logger.info(f"registered {ref['path']} as {ref['model_uri']}")
         tracking.end_run(run_id)
         ref["run_id"] = run_id
     return ref

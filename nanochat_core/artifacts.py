@@ -1,10 +1,11 @@
 """Artifact references: what a stage hands to the next one, and how a cache hit is checked.
 
 A stage's result is a small dict (a "ref"): `path` (its output directory, local or fsspec URL), the
-figures it measured, and a `manifest` of the files it produced with their sizes. `digest` is a hash of
-that manifest plus the figures, so a downstream cache key changes whenever an input artifact changes;
-`verify` checks that every listed file is still there with its size, so a cached ref whose artifact was
-deleted or truncated is recomputed rather than trusted.
+figures it measured, and a `manifest` of the files it produced with their sizes and content hashes.
+`digest` is a hash of that manifest, so a downstream cache key changes exactly when an input artifact's
+content changes (a stage re-run that reproduces its output byte for byte leaves its dependents cached);
+`verify` checks that every listed file is still there with that content, so a cached ref whose artifact
+was deleted, truncated or overwritten is recomputed rather than trusted.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ RESULT_PATH_ENV = "NANOCHAT_RESULT_PATH"
 INPUTS_PATH_ENV = "NANOCHAT_INPUTS_PATH"
 
 
-def manifest(root: str, files: list[str] | None = None) -> dict[str, int]:
-    """{relative path: size} of `files` under `root` (default: every file below it but result.json)."""
+def manifest(root: str, files: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of `files` under `root` (default: every file below it but result.json)."""
     fs, base = storage.filesystem(root)
     if files is None:
         found = fs.find(base) if fs.exists(base) else []
@@ -32,8 +33,13 @@ def manifest(root: str, files: list[str] | None = None) -> dict[str, int]:
     for rel in sorted(files):
         if rel == RESULT_FILE or ".tmp-" in rel:
             continue
-        sizes[rel] = fs.size(f"{base.rstrip('/')}/{rel}")
+        url = _url(root, rel)
+        sizes[rel] = {"size": storage.size(url), "sha256": storage.sha256(url)}
     return sizes
+
+
+def _url(root: str, rel: str) -> str:
+    return f"{root.rstrip('/')}/{rel}"
 
 
 def digest_of(obj: Any) -> str:
@@ -45,7 +51,7 @@ def make_ref(stage: str, path: str, figures: dict[str, Any] | None = None,
     """The ref of a finished stage; also written as `<path>/result.json` (atomically)."""
     ref: dict[str, Any] = {"stage": stage, "path": path, **(figures or {})}
     ref["manifest"] = manifest(path, files)
-    ref["digest"] = digest_of({k: v for k, v in ref.items() if k not in ("run_id",)})
+    ref["digest"] = digest_of(ref["manifest"])
     run_id = os.environ.get("NANOCHAT_MLFLOW_RUN_ID")
     if run_id:
         ref["run_id"] = run_id
@@ -67,12 +73,17 @@ def inputs() -> dict[str, dict[str, Any]]:
 
 
 def verify(ref: dict[str, Any]) -> bool:
-    """True if every file in the ref's manifest still exists with its recorded size."""
+    """True if every file in the ref's manifest is still there with the same content.
+
+    Content, not just size: two configs of one stage can write the same directory (base_checkpoints/d20),
+    so a size check alone would trust the other config's output. Hashing costs seconds for a d20
+    checkpoint, against hours to retrain it, and only runs on a cache lookup.
+    """
     try:
-        fs, base = storage.filesystem(ref["path"])
-        return all(
-            fs.exists(f"{base.rstrip('/')}/{rel}") and fs.size(f"{base.rstrip('/')}/{rel}") == size
-            for rel, size in ref.get("manifest", {}).items()
-        )
-    except (KeyError, OSError, ValueError):
+        for rel, entry in ref.get("manifest", {}).items():
+            url = _url(ref["path"], rel)
+            if not storage.exists(url) or storage.size(url) != entry["size"] or storage.sha256(url) != entry["sha256"]:
+                return False
+        return True
+    except (KeyError, OSError, ValueError, TypeError):
         return False

@@ -157,17 +157,37 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 
 
-def register_checkpoint(run_id: str, checkpoint_dir: str, artifact_path: str = "checkpoint") -> str:
-    """Log a checkpoint directory to the run and register it as a new version of the `nanochat` model.
+def register_checkpoint(run_id: str, checkpoint_dir: str, tags: dict[str, str] | None = None) -> str:
+    """Register a checkpoint directory, where it lies, as a new version of the `nanochat` model.
 
-    Returns the model URI (`models:/nanochat/<version>`).
+    The version's source is the directory itself (a path or fsspec URL), so a multi-GB checkpoint is not
+    copied into the artifact store. Returns the model URI (`models:/nanochat/<version>`).
     """
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    log_artifact(run_id, checkpoint_dir, artifact_path)
-    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", MODEL_NAME)
+    client = _client()
+    try:
+        client.get_registered_model(MODEL_NAME)
+    except Exception:
+        try:
+            client.create_registered_model(MODEL_NAME)
+        except Exception:  # registered concurrently
+            pass
+    source = checkpoint_dir if "://" in checkpoint_dir else f"file://{checkpoint_dir}"
+    version = client.create_model_version(MODEL_NAME, source=source, run_id=run_id, tags=tags or {})
     return f"models:/{MODEL_NAME}/{version.version}"
+
+
+def resolve_model_uri(uri: str) -> str:
+    """`models:/nanochat/3` (or `models:/nanochat/latest`) -> the checkpoint directory it was registered from."""
+    _, _, rest = uri.partition("models:/")
+    name, _, version = rest.partition("/")
+    client = _client()
+    if version in ("", "latest"):
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise LookupError(f"no versions of model {name!r} in {tracking_uri()}")
+        version = str(max(int(v.version) for v in versions))
+    source = client.get_model_version(name, version).source
+    return source[len("file://"):] if source.startswith("file://") else source
 
 
 class SystemMetrics:

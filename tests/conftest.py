@@ -1,6 +1,17 @@
-"""Shared pytest setup: every test gets its own NANOCHAT_BASE_DIR, so nothing touches ~/.cache."""
+"""Shared pytest setup: every test gets its own NANOCHAT_BASE_DIR, so nothing touches ~/.cache; the
+end-to-end tests share one tiny speedrun per session (`first_run`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+# The stages of the tiny speedrun, as the summary table names them, in order.
+EXPECTED = ["corpus", "download[:4]", "tok_train", "tok_eval", "base_train", "eval_bundle", "base_eval", "report"]
 
 
 @pytest.fixture(autouse=True)
@@ -8,3 +19,33 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.mktemp("base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
+
+
+def speedrun(base: Path, *args: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    out = subprocess.run([sys.executable, "-m", "nanochat_core.cli", "speedrun", "--preset", "tiny", *args],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    return out, states(out.stdout)
+
+
+def states(stdout: str) -> dict[str, str]:
+    """{stage: final state} from the summary table the command prints."""
+    lines = stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "state"]), None)
+    if start is None:
+        return {}
+    table = {}
+    for line in lines[start + 1 :]:
+        parts = line.split()
+        if not parts or parts[0] == "total":
+            break
+        table[parts[0]] = parts[1]
+    return table
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("speedrun")
+    out, table = speedrun(base)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return base, out, table

@@ -1,0 +1,96 @@
+"""The deployment path for real: `prefect server start` on 127.0.0.1, a process work pool and worker,
+`prefect deploy` from deployments/prefect.yaml, `prefect deployment run nanochat/smoke`, and the run's
+logs through `prefect flow-run logs`. The worker shares the session's speedrun base dir, so the smoke
+run finds every stage cached and this test costs a server start, not a second speedrun."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+def stop(proc: subprocess.Popen, signals: int = 1) -> None:
+    """SIGTERM (a worker needs two) and then SIGKILL if it lingers; the whole process group."""
+    for _ in range(signals):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
+    base = first_run[0]
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "NANOCHAT_BASE_DIR": str(base),
+        "NANOCHAT_FLOW_ROOT": str(REPO),
+    }
+
+    def prefect(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        out = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out
+
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = None
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/api/health", server)
+        prefect("work-pool", "create", "local", "--type", "process")
+        prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "smoke")
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        run = prefect("deployment", "run", "nanochat/smoke", "--watch", "--watch-timeout", "600", timeout=660)
+        assert "Completed" in run.stdout, run.stdout[-3000:]
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+        logs = prefect("flow-run", "logs", flow_run_id).stdout
+        assert "base_train" in logs and "Cached" in logs
+    finally:
+        if worker is not None:
+            stop(worker, signals=2)
+        stop(server)

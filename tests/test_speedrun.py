@@ -1,0 +1,114 @@
+"""The tiny speedrun end to end through the real flow: Prefect's ephemeral API, torchrun-style child
+processes, MLflow in SQLite. One run per test session (the `speedrun` fixture); every test reuses it."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+from conftest import EXPECTED, speedrun, states
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_stage_completes(first_run):
+    _, out, table = first_run
+    assert list(table) == EXPECTED
+    assert set(table.values()) == {"Completed"}
+    assert "report: " in out.stdout and "prefect server start" in out.stdout and "mlflow ui" in out.stdout
+
+
+def test_mlflow_has_a_parent_and_a_child_per_stage(first_run):
+    base, out, table = first_run
+    parent = re.search(r"MLflow parent run: (\w+)", out.stdout).group(1)
+    db = sqlite3.connect(base / "mlflow.db")
+    children = db.execute(
+        "select r.run_uuid, r.name, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+        "where t.key = 'mlflow.parentRunId' and t.value = ?", (parent,)).fetchall()
+    assert sorted(name for _, name, _ in children) == sorted(s.split("[")[0] for s in table)
+    assert all(status == "FINISHED" for _, _, status in children)
+    assert db.execute("select status from runs where run_uuid = ?", (parent,)).fetchone() == ("FINISHED",)
+    train = next(run_id for run_id, name, _ in children if name == "base_train")
+    losses = db.execute("select count(*) from metrics where run_uuid = ? and key = 'train/loss'", (train,)).fetchone()
+    assert losses[0] > 1
+    params = dict(db.execute("select key, value from params where run_uuid = ?", (train,)).fetchall())
+    assert params["base_train.depth"] == "2"
+
+
+def test_report_has_the_summary_table(first_run):
+    base, _, _ = first_run
+    report = (base / "report" / "report.md").read_text()
+    assert "| metric | BASE | MID | SFT | RL |" in report
+    core = next(line for line in report.splitlines() if line.startswith("| CORE |"))
+    assert core.split("|")[2].strip() != "-"
+
+
+def test_cache_and_result_records_live_under_the_base_dir(first_run):
+    base, _, _ = first_run
+    assert any((base / "prefect_results").iterdir())
+    assert (base / "prefect" ).is_dir()
+
+
+def test_rerun_with_nothing_changed_is_fully_cached(first_run):
+    base, _, _ = first_run
+    out, table = speedrun(base)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(table) == EXPECTED and set(table.values()) == {"Cached"}
+
+
+def test_changing_one_stage_reruns_it_and_its_dependents_only(first_run):
+    base, _, _ = first_run
+    out, table = speedrun(base, "--set", "tok_eval.max_docs=50")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert table["tok_eval"] == "Completed" and table["report"] == "Completed"
+    assert all(state == "Cached" for stage, state in table.items() if stage not in ("tok_eval", "report"))
+
+
+def test_a_deleted_artifact_is_recomputed_not_trusted(first_run):
+    base, _, _ = first_run
+    ref = json.loads((base / "report" / "result.json").read_text())
+    (base / "report" / "report.md").unlink()
+    out, table = speedrun(base)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert table["report"] == "Completed" and (base / "report" / "report.md").exists()
+    assert ref["stage"] == "report"
+
+
+def test_a_killed_stage_is_retried_and_resumes_from_its_checkpoint(first_run):
+    """Kill base_train's process after its first checkpoint: the task retries and resumes, not restarts.
+
+    Runs last: it retrains base_train with another config in the shared base dir."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, _, _ = first_run
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    args = ["--set", "base_train.save_every=20", "--set", "base_train.num_iterations=80"]
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.cli", "speedrun", "--preset", "tiny", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    checkpoint = base / "base_checkpoints" / "d2" / "model_000020.pt"
+    deadline, killed = time.time() + 600, False
+    while not killed and time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists():
+            for pid in os.listdir("/proc"):
+                try:
+                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                if b"nanochat_core.stages.base_train" in cmdline:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed = True
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert killed, "base_train finished before it could be killed"
+    assert proc.returncode == 0, stderr[-3000:]
+    assert states(stdout)["base_train"] == "Completed"
+    assert "attempt 2: resuming base_train" in stderr
+    resumed = stderr[stderr.index("attempt 2: resuming"):]
+    assert re.search(r"step 0002[1-9]/00080", resumed) and not re.search(r"step 00001/00080", resumed)

@@ -91,27 +91,39 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
     """Open `url` for writing; the content becomes visible under `url` only if the block succeeds."""
     assert mode in ("wb", "w"), "atomic_open is for writing"
     encoding = "utf-8" if mode == "w" else None
-    fs, path = filesystem(url)
-    if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = temp_name(path)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix="nanochat-upload-")
-        os.close(fd)
+    tmp = local_temp_for(url)
     try:
         with open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if is_local(url):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-            fs.invalidate_cache(path)
+        publish_file(tmp, url)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def publish_file(tmp: str, url: str) -> None:
+    """Move a finished local temp file to `url` in one step (local rename, or one upload)."""
+    if is_local(url):
+        os.replace(tmp, local_path(url))
+        return
+    fs, path = filesystem(url)
+    fs.put_file(tmp, path)
+    fs.invalidate_cache(path)
+    os.remove(tmp)
+
+
+def local_temp_for(url: str) -> str:
+    """A temp path to write `url`'s content to before `publish_file`: beside it when local (same
+    filesystem, so the rename is atomic), in the system temp dir when remote."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return temp_name(path)
+    fd, tmp = tempfile.mkstemp(prefix="nanochat-upload-")
+    os.close(fd)
+    return tmp
 
 
 def write_bytes(url: str, data: bytes) -> None:

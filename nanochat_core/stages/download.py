@@ -16,10 +16,10 @@ sha256 per shard, and a digest the flow's cache key uses).
 from __future__ import annotations
 
 import argparse
-import json
 
-from nanochat_core import storage
+from nanochat_core import artifacts, storage
 from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.data.shards import shard_name
 from nanochat_core.data.download import download_shards, find_val_index, resolve_template
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import base_dir, join
@@ -57,12 +57,10 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
     out = data_dir()
     manifest = download_shards(template, indices, out, workers=dl.workers, val_index=val_index, progress=progress)
     seconds = manifest["seconds"]
-    result = {
-        "path": out,
+    figures = {
         "source": template,
         "num_shards": dl.num_shards,
         "val_index": val_index,
-        "digest": manifest["digest"],
         "total_bytes": sum(e["bytes"] for e in manifest["shards"] if e["index"] in indices),
         "total_rows": sum(e["rows"] for e in manifest["shards"] if e["index"] in indices),
         "fetched": manifest["fetched"],
@@ -71,8 +69,7 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
         "seconds": seconds,
         "mb_per_second": round(manifest["fetched_bytes"] / 1e6 / seconds, 2) if seconds > 0 else None,
     }
-    storage.write_text(join(out, "result.json"), json.dumps(result, indent=1) + "\n")
-    return result
+    return artifacts.make_ref("download", out, figures, [shard_name(i) for i in indices])
 
 
 @exit_on_user_error
@@ -88,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     cfg = config_from_args(parser.parse_args(argv))
     result = run(cfg)
+    artifacts.emit(result)
     rate = f", {result['mb_per_second']} MB/s" if result["fetched"] else ""
     print(
         f"{result['num_shards']} train shards + val {result['val_index']:05d} in {result['path']}: "

@@ -28,13 +28,14 @@ CODE_VERSION_ENV = "NANOCHAT_CODE_VERSION"  # the image's git sha on GPU workers
 
 @functools.cache
 def code_fingerprint() -> str:
-    """NANOCHAT_CODE_VERSION if set (the worker image's git sha), else a hash of the library sources."""
+    """NANOCHAT_CODE_VERSION if set (the worker image's git sha), else a hash of the library sources
+    and of the compiled tokenizer extension (so a change in the Rust code alone counts too)."""
     if os.environ.get(CODE_VERSION_ENV):
         return os.environ[CODE_VERSION_ENV]
     import nanochat_core
-    import tokenizer_rs
+    from tokenizer_rs import _tokenizer_rs
 
-    h = hashlib.sha256(tokenizer_rs.version().encode())
+    h = hashlib.sha256(Path(_tokenizer_rs.__file__).read_bytes())
     root = Path(nanochat_core.__file__).parent
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())

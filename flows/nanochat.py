@@ -5,9 +5,10 @@
 
     corpus* ─> download ─┬─> tok_train ─┬─> tok_eval
                          │              │
-                         └──────────────┴─> base_train ─> base_eval <── eval_bundle
-                                                            └──────────────────────> report
-    (* only when the shards come from the sample corpus)
+                         └──────────────┴─> base_train ─┬─> base_eval <── eval_bundle
+                                                        └─> mid_train ─> chat_sft ─> chat_rl
+                                         chat_eval[mid], chat_eval[sft], chat_eval[rl] ─> report
+    (* only when the shards come from the sample corpus; report gathers every stage's ref)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nanochat_core.errors import UserError
 # Shards the tokenizer trains on come first; the rest keep downloading while it trains (speedrun.sh's `&`).
 TOKENIZER_SHARDS = 8
 # Stages a run may leave out; the others feed a later stage.
-SKIPPABLE = {"tok_eval", "eval_bundle", "base_eval", "report"}
+SKIPPABLE = {"tok_eval", "eval_bundle", "base_eval", "chat_rl", "chat_eval", "report"}
 
 
 @flow(name="nanochat", log_prints=True)
@@ -63,8 +64,17 @@ def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refre
         if "base_eval" not in skip:
             base_eval = submit("base_eval", {"model": model, "eval_bundle": bundle} if bundle else {"model": model},
                                nproc_per_node=train.nproc_per_node, nnodes=train.nnodes)
+        mid = submit("mid_train", {"model": model}, nproc_per_node=cfg.mid_train.nproc_per_node)
+        sft = submit("chat_sft", {"model": mid}, nproc_per_node=cfg.chat_sft.nproc_per_node)
+        rl = None if "chat_rl" in skip else submit("chat_rl", {"model": sft}, nproc_per_node=cfg.chat_rl.nproc_per_node)
         futures = {"download": shards, "tok_train": tokenizer, "tok_eval": tok_eval, "base_train": model,
-                   "eval_bundle": bundle, "base_eval": base_eval}
+                   "eval_bundle": bundle, "base_eval": base_eval, "mid_train": mid, "chat_sft": sft, "chat_rl": rl}
+        if "chat_eval" not in skip:
+            for source, trained in (("mid", mid), ("sft", sft), ("rl", rl)):
+                if trained is not None:
+                    futures[f"{source}_eval"] = submit(
+                        "chat_eval", {"model": trained}, _with(cfg, "chat_eval", model_source=source),
+                        name=f"chat_eval[{source}]", nproc_per_node=cfg.chat_eval.nproc_per_node)
         refs.update({name: f.result() for name, f in futures.items() if f is not None})
         if "report" not in skip:
             refs["report"] = submit("report", dict(refs)).result()

@@ -27,13 +27,17 @@ SECTIONS: dict[str, list[str]] = {
     "tok_eval": ["tok_eval"],
     "eval_bundle": ["eval_bundle"],
     "base_train": ["base_train"],
-    "base_eval": ["base_eval"],
+    "base_eval": ["base_eval", "core"],
+    "mid_train": ["mid_train"],
+    "chat_sft": ["chat_sft"],
+    "chat_rl": ["chat_rl"],
+    "chat_eval": ["chat_eval"],
     "report": ["plan"],
 }
 # Stages that train from checkpoints: a retry continues from the latest one.
 RESUMABLE = {"base_train"}
 # Stages whose output is a model: registered as a version of the MLflow model `nanochat`.
-CHECKPOINT_STAGES = {"base_train"}
+CHECKPOINT_STAGES = {"base_train", "mid_train", "chat_sft", "chat_rl"}
 
 
 def result_storage() -> Path | None:

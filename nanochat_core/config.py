@@ -26,6 +26,9 @@ FINEWEB_EDU_URL = (
     "shard_{index:05d}.parquet"
 )
 
+# `download.source` value meaning "the sample corpus built by the corpus stage" (the embedded default).
+SAMPLE_SOURCE = "sample"
+
 
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, assignments are validated."""
@@ -46,7 +49,7 @@ class CorpusConfig(StageConfig):
     )
     shard_chars: int = Field(2_000_000, ge=10_000, description="characters per sample shard")
     out: str | None = Field(
-        None, description="output directory or fsspec URL (default: <base>/sample_corpus)"
+        None, description="output directory or fsspec URL (unset: <base>/sample_corpus)"
     )
 
 
@@ -58,7 +61,8 @@ class DownloadConfig(StageConfig):
     )
     source: str = Field(
         FINEWEB_EDU_URL,
-        description="URL template with {index}: https://..., s3://bucket/prefix/..., file:// or a path",
+        description="URL template with {index}: https://..., s3://bucket/prefix/..., file:// or a path "
+        "(a directory means its shard_NNNNN.parquet files); 'sample' = the sample corpus (corpus.out)",
     )
     workers: int = Field(4, ge=1, le=64, description="parallel downloads")
     val_index: int | None = Field(
@@ -205,6 +209,148 @@ class CoreConfig(StageConfig):
     )
 
 
+# --- serving ----------------------------------------------------------------------------------
+
+
+class InferenceConfig(StageConfig):
+    """Which checkpoint `nanochat chat` / `nanochat serve` load, on what, and their default sampling."""
+
+    source: Literal["auto", "base", "mid", "sft", "rl"] = Field(
+        "auto",
+        description="checkpoint family in the base dir: base, mid, sft or rl "
+        "(auto: the most post-trained one present, rl > sft > mid > base)",
+    )
+    depth: int | None = Field(None, ge=1, description="model depth d<N> within the source (default: the largest)")
+    step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
+    checkpoint: str | None = Field(
+        None,
+        description="load this checkpoint instead of --source: a directory, an fsspec URL or an MLflow "
+        "model URI (models:/nanochat/3)",
+    )
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
+        "auto", description="device to run on (auto: cuda if present, else cpu)"
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="weights dtype (auto: bfloat16 on cuda, float32 elsewhere)"
+    )
+    temperature: float = Field(0.6, ge=0, le=2, description="default sampling temperature (0: greedy)")
+    top_k: int = Field(50, ge=0, le=200, description="default top-k (0: off)")
+    max_tokens: int = Field(512, ge=1, le=4096, description="default maximum new tokens per reply")
+
+
+class ChatConfig(StageConfig):
+    """`nanochat chat`: streaming terminal chat."""
+
+    prompt: str | None = Field(None, description="ask this one question, print the reply and exit")
+
+
+class ServeConfig(StageConfig):
+    """`nanochat serve`: the web UI and the OpenAI-compatible API."""
+
+    host: str = Field("127.0.0.1", description="interface to bind (loopback unless you mean to expose it)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    workers_per_device: int = Field(1, ge=1, le=16, description="model replicas per device")
+    api_key: str | None = Field(
+        None, description="require `Authorization: Bearer KEY` on the API (default: $NANOCHAT_API_KEY, else open)"
+    )
+    model_name: str = Field("nanochat", description="model id reported by /v1/models and accepted in requests")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a replica before new ones get 429")
+
+
+# --- post-training ----------------------------------------------------------------------------
+
+# Task specs (nanochat_core.tasks.build_task): name[:size][@path-or-URL].
+MID_TASKS = ["smoltalk", "mmlu-aux", "gsm8k-train", "identity", "identity", "spelling:200000", "spellingbee:80000"]
+SFT_TASKS = ["arc-easy-train", "arc-challenge-train", "gsm8k-train", "smoltalk:10000", "identity",
+             "spelling:300", "spellingbee:300"]
+CHAT_EVAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+
+
+class PostTrainConfig(StageConfig):
+    """Fields shared by midtraining and SFT (each stage declares its own defaults below)."""
+
+    source: str | None = Field(None, description="checkpoint directory to start from (default: the previous stage's)")
+    step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
+    tasks: list[str] = Field(MID_TASKS, description="training mixture as task specs name[:size][@path], comma-separated")
+    val_examples: int = Field(200, ge=0, description="examples held out of the mixture for the val loss")
+    max_seq_len: int = Field(2048, ge=8, description="tokens per row (conversations longer than this are cropped)")
+    device_batch_size: int = Field(32, ge=1, description="rows per device per forward/backward")
+    num_iterations: int = Field(-1, description="optimizer steps (-1: one pass over the mixture)")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr for the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr for lm_head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon lr for the transformer matrices")
+    init_lr_frac: float = Field(1.0, gt=0, le=1, description="all learning rates times this")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps of linear lr decay to 0")
+    eval_every: int = Field(150, description="steps between val loss evaluations (-1: end only)")
+    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
+    seed: int = Field(42, description="random seed (mixture order and generated examples)")
+    words_path: str | None = Field(None, description="word list for spelling tasks (default: Debian wamerican)")
+    out: str | None = Field(None, description="checkpoint directory (default: <base>/<stage>_checkpoints/d<depth>)")
+
+
+class MidTrainConfig(PostTrainConfig):
+    """`nanochat mid-train`: conversations, multiple choice, tool-use math, identity and spelling, packed."""
+
+    total_batch_size: int = Field(524_288, ge=1, description="tokens per optimizer step across all devices")
+
+
+class ChatSFTConfig(PostTrainConfig):
+    """`nanochat sft`: one example per row, loss on assistant tokens only, padding masked."""
+
+    tasks: list[str] = Field(SFT_TASKS, description="training mixture as task specs name[:size][@path], comma-separated")
+    device_batch_size: int = Field(4, ge=1, description="conversations per device per forward/backward")
+    examples_per_step: int = Field(32, ge=1, description="conversations per optimizer step across all devices")
+    num_epochs: int = Field(1, ge=1, description="passes over the mixture (when num_iterations is -1)")
+    init_lr_frac: float = Field(0.02, gt=0, le=1, description="all learning rates times this")
+    warmdown_ratio: float = Field(1.0, ge=0, le=1, description="fraction of steps of linear lr decay to 0")
+    eval_every: int = Field(100, description="steps between val loss evaluations (-1: end only)")
+
+
+class ChatRLConfig(StageConfig):
+    """`nanochat rl`: REINFORCE on math word problems; reward 1 for the right `#### N`."""
+
+    source: str | None = Field(None, description="checkpoint directory to start from (default: the SFT checkpoints)")
+    step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
+    tasks: list[str] = Field(["gsm8k-train"], description="problems to train on, as task specs (math[:N] offline)")
+    num_iterations: int = Field(-1, description="optimizer steps (-1: one pass over the problems)")
+    examples_per_step: int = Field(16, ge=1, description="questions per optimizer step across all devices")
+    num_samples: int = Field(16, ge=1, description="completions sampled per question")
+    device_batch_size: int = Field(8, ge=1, description="sequences per forward/backward when scoring samples")
+    max_new_tokens: int = Field(256, ge=1, description="tokens sampled per completion")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature")
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens (0: all)")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr for the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr for lm_head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon lr for the transformer matrices")
+    init_lr_frac: float = Field(0.05, gt=0, le=1, description="all learning rates times this (decays to 0)")
+    eval_every: int = Field(60, description="steps between pass@k evaluations on GSM8K test (-1: end only)")
+    eval_examples: int = Field(400, ge=0, description="GSM8K test questions per pass@k evaluation (0: none)")
+    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
+    seed: int = Field(42, description="random seed")
+    out: str | None = Field(None, description="checkpoint directory (default: <base>/chatrl_checkpoints/d<depth>)")
+
+
+class ChatEvalConfig(StageConfig):
+    """`nanochat chat-eval`: ARC, MMLU (letters) and GSM8K, HumanEval, SpellingBee (generation); ChatCORE."""
+
+    model_source: Literal["mid", "sft", "rl"] = Field("sft", description="which checkpoints to score")
+    source: str | None = Field(None, description="checkpoint directory (default: the model_source stage's)")
+    step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
+    tasks: list[Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]] = Field(
+        CHAT_EVAL_TASKS, description="tasks to score, comma-separated")
+    max_problems: int = Field(-1, description="problems per task (-1: all)")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass for the multiple-choice tasks")
+    max_new_tokens: int = Field(512, ge=1, description="tokens generated per answer")
+    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
+    out: str | None = Field(None, description="result directory (default: <base>/chat_eval/<model_source>)")
+
+
 # --- the pipeline -----------------------------------------------------------------------------
 
 
@@ -221,6 +367,13 @@ class PipelineConfig(StageConfig):
     plan: PlanConfig = PlanConfig()
     eval_bundle: EvalBundleConfig = EvalBundleConfig()
     core: CoreConfig = CoreConfig()
+    mid_train: MidTrainConfig = MidTrainConfig()
+    chat_sft: ChatSFTConfig = ChatSFTConfig()
+    chat_rl: ChatRLConfig = ChatRLConfig()
+    chat_eval: ChatEvalConfig = ChatEvalConfig()
+    inference: InferenceConfig = InferenceConfig()
+    chat: ChatConfig = ChatConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # --- derived views ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig
 from nanochat_core.errors import UserError
 
 
@@ -51,7 +51,7 @@ def d4_cpu() -> PipelineConfig:
     return _derive(
         d20(),
         "d4-cpu",
-        download={"num_shards": 8},
+        download={"num_shards": 8, "source": SAMPLE_SOURCE},
         tok_train={"vocab_size": 8192, "max_chars": 50_000_000},
         base_train={
             "depth": 4,
@@ -67,7 +67,19 @@ def d4_cpu() -> PipelineConfig:
             "sample_every": -1,
             "device_type": "cpu",
         },
+        base_eval={"split_tokens": 65_536, "device_batch_size": 8, "device_type": "cpu"},
         plan={"gpu": "cpu"},
+        eval_bundle={"source": "packages"},
+        core={"max_per_task": 100},
+        mid_train={"tasks": ["chatterbot", "identity", "identity", "math:4000", "spelling:3000", "spellingbee:1500"],
+                   "max_seq_len": 512, "device_batch_size": 4, "total_batch_size": 4096, "val_examples": 100,
+                   "eval_every": -1, "device_type": "cpu"},
+        chat_sft={"tasks": ["chatterbot:1000", "identity", "math:1000", "spelling:300", "spellingbee:300"],
+                  "max_seq_len": 512, "examples_per_step": 16, "val_examples": 64, "eval_every": -1,
+                  "device_type": "cpu"},
+        chat_rl={"tasks": ["math:2000"], "examples_per_step": 4, "num_samples": 8, "max_new_tokens": 128,
+                 "num_iterations": 20, "eval_every": -1, "eval_examples": 50, "device_type": "cpu"},
+        chat_eval={"max_problems": 100, "max_new_tokens": 256, "device_type": "cpu"},
     )
 
 
@@ -77,7 +89,7 @@ def tiny() -> PipelineConfig:
         d20(),
         "tiny",
         corpus={"tiers": ["lit"]},
-        download={"num_shards": 4},
+        download={"num_shards": 4, "source": SAMPLE_SOURCE},
         tok_train={"vocab_size": 4096, "max_chars": 5_000_000},
         tok_eval={"max_docs": 200},
         base_train={
@@ -93,8 +105,23 @@ def tiny() -> PipelineConfig:
             "eval_tokens": 16_384,
             "sample_every": -1,
             "device_type": "cpu",
+            # 60 small steps: compiling (~30 s on 2 busy cores) costs more than it saves here.
+            "compile": False,
         },
+        base_eval={"split_tokens": 16_384, "device_batch_size": 8, "device_type": "cpu"},
         plan={"gpu": "cpu"},
+        eval_bundle={"source": "packages"},
+        core={"max_per_task": 20},
+        # Post-training at smoke-test size: each stage well under a minute on 2 cores, offline data only.
+        mid_train={"tasks": ["chatterbot:300", "identity", "identity", "math:200", "spelling:150", "spellingbee:80"],
+                   "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 4096, "val_examples": 40,
+                   "eval_every": -1, "device_type": "cpu"},
+        chat_sft={"tasks": ["chatterbot:200", "identity", "math:200", "spelling:100", "spellingbee:100"],
+                  "max_seq_len": 256, "examples_per_step": 16, "num_iterations": 20, "val_examples": 32,
+                  "eval_every": -1, "device_type": "cpu"},
+        chat_rl={"tasks": ["math:64"], "examples_per_step": 2, "num_samples": 4, "max_new_tokens": 48,
+                 "num_iterations": 4, "eval_every": -1, "eval_examples": 8, "device_type": "cpu"},
+        chat_eval={"max_problems": 16, "max_new_tokens": 48, "device_type": "cpu"},
     )
 
 

@@ -1,0 +1,205 @@
+"""What midtraining, SFT and RL share: where checkpoints live, loading the starting model, the task
+mixture, batching conversations, the optimizer pair, and writing checkpoints like base_train does.
+
+    model, tokenizer, meta = load_start(source_dir, step, device)
+    opt = make_optimizers(model, cfg)                   # Muon + AdamW, lrs × init_lr_frac
+    save(ckpt_dir, step, rt, model, opt, meta)          # model_/meta_/optim_ files, meta last
+
+Stage outputs: <base>/mid_checkpoints/d<depth>, chatsft_checkpoints/d<depth>, chatrl_checkpoints/d<depth>
+(nanochat's names), each readable by `checkpoint.load_model` because the meta carries the model config
+and the tokenizer directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+from nanochat_core import dist, storage
+from nanochat_core.checkpoint import base_checkpoint_dir, latest_step, load_model, move_aside, save_checkpoint
+from nanochat_core.config import PipelineConfig
+from nanochat_core.errors import UserError
+from nanochat_core.paths import base_dir, join
+
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                   "rl": "chatrl_checkpoints"}
+# Which stage's checkpoints each stage starts from.
+PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}
+
+
+def checkpoint_dir(kind: str, cfg: PipelineConfig) -> str:
+    """Default checkpoint directory of a stage kind (base/mid/sft/rl) for this config's depth."""
+    if kind == "base":
+        return cfg.base_train.out or base_checkpoint_dir(cfg.base_train.depth)
+    explicit = {"mid": cfg.mid_train.out, "sft": cfg.chat_sft.out, "rl": cfg.chat_rl.out}[kind]
+    return explicit or join(base_dir(), CHECKPOINT_DIRS[kind], f"d{cfg.base_train.depth}")
+
+
+def source_dir(kind: str, cfg: PipelineConfig, explicit: str | None) -> str:
+    """Where stage `kind` starts: the explicit --source, else the previous stage's checkpoints."""
+    return explicit or checkpoint_dir(PREVIOUS[kind], cfg)
+
+
+def load_start(source: str, step: int | None, device, stage: str):
+    """(model in train mode, tokenizer, meta) from the checkpoint a post-training stage starts from."""
+    if latest_step(source) is None:
+        before = {"mid-train": "base-train", "sft": "mid-train", "rl": "sft", "chat-eval": "the training stage"}[stage]
+        raise UserError(f"no complete checkpoint in {source}; run `nanochat {before}` first or pass --source")
+    model, tokenizer, meta = load_model(source, step, device)
+    if tokenizer is None:
+        raise UserError(f"the tokenizer this checkpoint was trained with ({meta.get('tokenizer_dir')}) is gone; "
+                        "run `nanochat tok-train` again or restore that directory")
+    return model, tokenizer, meta
+
+
+def autocast_for(dtype: str, device: torch.device):
+    """A context-manager factory: bf16 autocast where base_train would use it, else nothing."""
+    from nanochat_core.stages.base_train import autocast_dtype
+
+    amp = autocast_dtype(dtype, device)
+    return (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+
+def make_optimizers(model, sc):
+    """base_train's Muon + AdamW pair with every learning rate scaled by `init_lr_frac`."""
+    from nanochat_core.model.optim import Optimizers
+
+    f = sc.init_lr_frac
+    return Optimizers(model, sc.embedding_lr * f, sc.unembedding_lr * f, sc.matrix_lr * f, 0.0)
+
+
+def build_mixture(specs: list[str], seed: int, words_path: str | None = None):
+    from nanochat_core.tasks import TaskMixture, build_task
+
+    if not specs:
+        raise UserError("the task mixture is empty; pass --tasks with at least one task spec")
+    return TaskMixture([build_task(s, seed=seed, words_path=words_path) for s in specs], seed=seed)
+
+
+def split_val(mixture, val_examples: int):
+    """(train indices, val indices): the last `val_examples` of the shuffled mixture are held out."""
+    n = len(mixture)
+    val = min(val_examples, n // 10) if val_examples else 0
+    return range(0, n - val), range(n - val, n)
+
+
+def sft_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered (ids, mask) pairs -> (inputs, targets) padded to the longest row; targets are -1
+    (ignored) wherever the next token is not trained (mask 0) and on padding."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        targets = torch.tensor(ids[1:])
+        targets[torch.tensor(mask[1:]) == 0] = -1
+        y[i, :n] = targets
+    return x.to(device), y.to(device)
+
+
+def all_reduce_min(value: int, device) -> int:
+    """The smallest `value` across ranks (every rank must run the same number of steps)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t.item())
+    return value
+
+
+def fresh_output(ckpt_dir: str, rt: dist.Runtime, say) -> None:
+    """A fresh run never overwrites: older checkpoints in the output directory are moved aside."""
+    if rt.master:
+        aside = move_aside(ckpt_dir) if storage.exists(ckpt_dir) else None
+        if aside:
+            say(f"{ckpt_dir} already held checkpoints: moved them to {aside}")
+        storage.makedirs(ckpt_dir)
+        stale = join(ckpt_dir, "metrics.jsonl")  # left by a run that crashed before its first checkpoint
+        if storage.exists(stale):
+            storage.remove(stale)
+    dist.barrier()
+
+
+def save(ckpt_dir: str, step: int, rt: dist.Runtime, model, opt, meta: dict) -> None:
+    """Checkpoint in base_train's layout (meta written last); the model config and tokenizer dir in
+    the meta make it loadable by `checkpoint.load_model`."""
+    rank_state = {"optim": opt.state_dict(), "rng": torch.get_rng_state()}
+    save_checkpoint(ckpt_dir, step, rt.rank, model.state_dict() if rt.master else None, rank_state,
+                    meta if rt.master else None, barrier=dist.barrier, keep_last=1)
+
+
+def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: PipelineConfig, stage_cfg) -> dict:
+    return {
+        "stage": stage, "step": step, "model_config": model.config.to_dict(), "user_config": stage_cfg.model_dump(),
+        "preset": cfg.preset, "source": source, "source_step": start_meta.get("step"),
+        "tokenizer_dir": start_meta.get("tokenizer_dir"), "time": time.time(),
+    }
+
+
+@torch.no_grad()
+def masked_loss(model, batches, autocast, device) -> float | None:
+    """Mean loss per trained token over (inputs, targets) batches, summed across ranks."""
+    total = torch.zeros(2, device=device)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        with autocast():
+            loss = model(x, y, loss_reduction="sum")
+        total[0] += loss.float()
+        total[1] += (y >= 0).sum()
+    model.train(was_training)
+    dist.all_reduce_sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def train_loop(stage: str, model, opt, next_batch, num_iterations: int, accum: int, sc, rt: dist.Runtime, say,
+               metrics: dist.MetricsLog, autocast, evaluate=None, grad_clip: float = 1.0) -> dict:
+    """The optimizer loop mid and SFT share: `accum` micro-batches per step, each micro-batch's loss
+    the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
+    `evaluate(step)` runs every `eval_every` steps and at the end; returns the loop's figures."""
+    from nanochat_core.model.optim import lr_multiplier, muon_momentum
+
+    N = num_iterations
+    stats = {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
+    model.train()
+    for step in range(N):
+        lrm = lr_multiplier(step, N, 0.0, sc.warmdown_ratio, 0.0)
+        opt.set_schedule(lrm, muon_momentum(step))
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=rt.device)
+        tokens = 0
+        for _ in range(accum):
+            x, y = next_batch()
+            valid = int((y >= 0).sum())
+            tokens += valid
+            if valid == 0:  # nothing trained in this micro-batch (all prompt / padding)
+                continue
+            with autocast():
+                loss = model(x, y, loss_reduction="sum") / valid
+            loss_sum += loss.detach()
+            (loss / accum).backward()
+        step_loss = dist.all_reduce_sum(loss_sum / accum).item() / rt.world
+        if not math.isfinite(step_loss):
+            raise UserError(f"{stage}: the loss became {step_loss} at step {step + 1}; lower the learning "
+                            "rates (--init-lr-frac) or check the task mixture")
+        opt.step(grad_clip)
+        opt.zero_grad()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        stats["train_time_s"] += dt
+        stats["tokens"] += tokens * rt.world
+        stats["train_loss"] = step_loss
+        say(f"{stage} step {step + 1:05d}/{N:05d} | loss {step_loss:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+            f"trained tok/s {tokens * rt.world / dt:.0f}")
+        metrics.write({"step": step + 1, "train/loss": step_loss, "train/lr_mult": lrm, "train/dt_ms": dt * 1000,
+                       "train/tok_per_sec": tokens * rt.world / dt})
+        last = step + 1 == N
+        if evaluate is not None and (last or (sc.eval_every > 0 and (step + 1) % sc.eval_every == 0)):
+            stats["val_loss"] = evaluate(step + 1)
+    return stats

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning: one conversation per row, loss only on what the assistant says.
+
+    nanochat sft --preset tiny
+    nanochat sft --preset d4-cpu --tasks identity,custom@my_convs.jsonl --num-epochs 2
+    torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.chat_sft --config cfg.json
+
+Starts from the latest midtraining checkpoint (`<base>/mid_checkpoints/d<depth>`, or --source). Each
+micro-batch pads its conversations to the longest one; targets are -1 on user turns, tool outputs
+and padding (chat_format's mask), so the loss is the mean over assistant tokens only. Writes
+checkpoints, `metrics.jsonl` and `result.json` to `<base>/chatsft_checkpoints/d<depth>/`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nanochat_core import artifacts, dist
+from nanochat_core.chat_format import render_conversation
+from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.paths import join
+from nanochat_core.post_train import (
+    autocast_for, base_meta, build_mixture, checkpoint_dir, fresh_output, load_start, make_optimizers, masked_loss,
+    save, sft_batch, source_dir, split_val, train_loop,
+)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    with dist.session(cfg.chat_sft.device_type) as rt:
+        return train(cfg, rt)
+
+
+def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+    sc = cfg.chat_sft
+    started = time.time()
+    say = dist.Console(rt.master)
+    src = source_dir("sft", cfg, sc.source)
+    out = checkpoint_dir("sft", cfg)
+    torch.manual_seed(sc.seed)
+    model, tokenizer, start_meta = load_start(src, sc.step, rt.device, "sft")
+    B = sc.device_batch_size
+    if sc.examples_per_step % (B * rt.world):
+        raise UserError(f"--examples-per-step {sc.examples_per_step} is not a multiple of device_batch_size × "
+                        f"processes = {B * rt.world}; pick sizes that divide")
+    accum = sc.examples_per_step // (B * rt.world)
+    mixture = build_mixture(sc.tasks, sc.seed, sc.words_path)
+    train_idx, val_idx = split_val(mixture, sc.val_examples)
+    if len(train_idx) < sc.examples_per_step:
+        raise UserError(f"the mixture has {len(train_idx)} training conversations, fewer than one step's "
+                        f"{sc.examples_per_step}; add tasks or lower --examples-per-step")
+    N = sc.num_iterations if sc.num_iterations > 0 else len(train_idx) // sc.examples_per_step * sc.num_epochs
+    pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id works: padded targets are -1
+    mine = list(train_idx[rt.rank::rt.world])
+    cursor = 0
+
+    def rendered(i: int):
+        return render_conversation(tokenizer, mixture[i], max_tokens=sc.max_seq_len + 1)
+
+    def next_batch():
+        nonlocal cursor
+        rows = []
+        for _ in range(B):
+            rows.append(rendered(mine[cursor % len(mine)]))
+            cursor += 1
+        return sft_batch(rows, pad_id, rt.device)
+
+    autocast = autocast_for(sc.dtype, rt.device)
+    val_mine = list(val_idx[rt.rank::rt.world])
+
+    def evaluate(step: int):
+        batches = (sft_batch([rendered(i) for i in val_mine[j: j + B]], pad_id, rt.device)
+                   for j in range(0, len(val_mine), B))
+        loss = masked_loss(model, batches, autocast, rt.device)
+        if loss is not None:
+            say(f"sft step {step:05d} | val loss {loss:.4f}")
+            metrics.write({"step": step, "val/loss": loss})
+        return loss
+
+    say(f"sft: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations, {N} steps of "
+        f"{sc.examples_per_step} ({accum} micro-batches of {B} per process)")
+    fresh_output(out, rt, say)
+    metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
+    opt = make_optimizers(model, sc)
+    stats = train_loop("sft", model, opt, next_batch, N, accum, sc, rt, say, metrics, autocast, evaluate)
+    save(out, N, rt, model, opt, base_meta("chat_sft", N, model, start_meta, src, cfg, sc))
+    metrics.flush()
+    figures = {"step": N, "source": src, "conversations": len(train_idx), "train_loss": stats["train_loss"],
+               "val_loss": stats["val_loss"], "trained_tokens": stats["tokens"],
+               "train_time_s": stats["train_time_s"], "seconds": time.time() - started,
+               "metrics_path": join(out, "metrics.jsonl")}
+    ref = artifacts.make_ref("chat_sft", out, figures) if rt.master else {"path": out, **figures}
+    say(f"sft done: {N} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
+    return ref
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser("nanochat sft", "Fine-tune on conversations with the loss on assistant tokens only.",
+                          {"chat_sft": None})
+    cfg = config_from_args(parser.parse_args(argv))
+    artifacts.emit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Midtraining: teach the base model the chat format, multiple choice, tool use and spelling.
+
+    nanochat mid-train --preset tiny
+    nanochat mid-train --preset d4-cpu --tasks chatterbot,identity,math:4000 --num-iterations 50
+    torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.mid_train --config cfg.json
+
+Starts from the latest base checkpoint (`<base>/base_checkpoints/d<depth>`, or --source), renders the
+task mixture as conversations and packs them into rows of max_seq_len tokens, like pretraining does
+with documents (nanochat's midtraining: loss on every token; the conversations carry the format).
+Rank r takes examples r, r+W, ... of the shuffled mixture. Writes checkpoints, `metrics.jsonl` and
+`result.json` to `<base>/mid_checkpoints/d<depth>/`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nanochat_core import artifacts, dist
+from nanochat_core.chat_format import render_conversation
+from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.paths import join
+from nanochat_core.post_train import (
+    autocast_for, base_meta, build_mixture, checkpoint_dir, all_reduce_min, fresh_output, load_start,
+    make_optimizers, masked_loss, save, source_dir, split_val, train_loop,
+)
+
+
+def packed_rows(tokenizer, mixture, indices, T: int) -> torch.Tensor:
+    """The conversations at `indices`, rendered and concatenated, cut into rows of T+1 tokens that
+    overlap by one (inputs row[:-1], targets row[1:]); the tail shorter than a row is dropped."""
+    stream: list[int] = []
+    for i in indices:
+        ids, _ = render_conversation(tokenizer, mixture[i], max_tokens=1 << 30)
+        stream.extend(ids)
+    rows = (len(stream) - 1) // T
+    if rows == 0:
+        return torch.empty((0, T + 1), dtype=torch.long)
+    data = torch.tensor(stream[: rows * T + 1], dtype=torch.long)
+    return data.unfold(0, T + 1, T)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    with dist.session(cfg.mid_train.device_type) as rt:
+        return train(cfg, rt)
+
+
+def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+    mc = cfg.mid_train
+    started = time.time()
+    say = dist.Console(rt.master)
+    src = source_dir("mid", cfg, mc.source)
+    out = checkpoint_dir("mid", cfg)
+    torch.manual_seed(mc.seed)
+    model, tokenizer, start_meta = load_start(src, mc.step, rt.device, "mid-train")
+    T, B = mc.max_seq_len, mc.device_batch_size
+    if T > model.config.sequence_len * 10:
+        raise UserError(f"--max-seq-len {T} is beyond what the model's rotary table covers "
+                        f"({model.config.sequence_len * 10}); pass a smaller value")
+    tokens_per_micro = B * T * rt.world
+    if mc.total_batch_size % tokens_per_micro:
+        raise UserError(f"--total-batch-size {mc.total_batch_size} is not a multiple of device_batch_size × max_seq_len "
+                        f"× processes = {tokens_per_micro}; pick sizes that divide")
+    accum = mc.total_batch_size // tokens_per_micro
+
+    mixture = build_mixture(mc.tasks, mc.seed, mc.words_path)
+    train_idx, val_idx = split_val(mixture, mc.val_examples)
+    rows = packed_rows(tokenizer, mixture, train_idx[rt.rank::rt.world], T).to(rt.device)
+    val_rows = packed_rows(tokenizer, mixture, val_idx[rt.rank::rt.world], T).to(rt.device)
+    one_pass = all_reduce_min(len(rows) // (B * accum), rt.device)
+    N = mc.num_iterations if mc.num_iterations > 0 else one_pass
+    if N < 1 or len(rows) < B:
+        raise UserError(f"the mixture ({len(mixture)} conversations) fills fewer rows than one optimizer step needs; "
+                        "add tasks or lower --total-batch-size / --max-seq-len")
+    say(f"mid-train: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations "
+        f"({len(rows):,} rows of {T} tokens on this rank), {N} steps × {accum} micro-batches of {B}")
+
+    cursor = 0
+
+    def next_batch():
+        nonlocal cursor
+        if cursor + B > len(rows):
+            cursor = 0  # a further pass over the data (explicit --num-iterations beyond one pass)
+        batch = rows[cursor: cursor + B]
+        cursor += B
+        return batch[:, :-1], batch[:, 1:]
+
+    autocast = autocast_for(mc.dtype, rt.device)
+
+    def evaluate(step: int):
+        if not len(val_rows) and rt.world == 1:
+            return None
+        batches = ((val_rows[i: i + B, :-1], val_rows[i: i + B, 1:]) for i in range(0, len(val_rows), B))
+        loss = masked_loss(model, batches, autocast, rt.device)
+        if loss is not None:
+            say(f"mid-train step {step:05d} | val loss {loss:.4f}")
+            metrics.write({"step": step, "val/loss": loss})
+        return loss
+
+    fresh_output(out, rt, say)
+    metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
+    opt = make_optimizers(model, mc)
+    stats = train_loop("mid-train", model, opt, next_batch, N, accum, mc, rt, say, metrics, autocast, evaluate)
+    save(out, N, rt, model, opt, base_meta("mid_train", N, model, start_meta, src, cfg, mc))
+    metrics.flush()
+    figures = {"step": N, "source": src, "conversations": len(train_idx), "train_loss": stats["train_loss"],
+               "val_loss": stats["val_loss"], "trained_tokens": stats["tokens"],
+               "train_time_s": stats["train_time_s"], "seconds": time.time() - started,
+               "metrics_path": join(out, "metrics.jsonl")}
+    ref = artifacts.make_ref("mid_train", out, figures) if rt.master else {"path": out, **figures}
+    say(f"mid-train done: {N} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
+    return ref
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser("nanochat mid-train", "Midtrain the base model on conversations, tool use and spelling.",
+                          {"mid_train": None})
+    cfg = config_from_args(parser.parse_args(argv))
+    artifacts.emit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 UV_VERSION=0.13.8
 # Debian packages the pipeline and its tests call at run time.
-DEBIAN_PACKAGES=(ca-certificates)
+# chromium: the headless browser the chat page's test drives through playwright (its own download can't work offline).
+DEBIAN_PACKAGES=(ca-certificates chromium)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -1,0 +1,127 @@
+"""From `--source`/`--checkpoint` to loaded models: one replica per device (times workers per device).
+
+Checkpoint families live in the base dir as nanochat lays them out:
+    base_checkpoints/d<depth>/  mid_checkpoints/d<depth>/  chatsft_checkpoints/d<depth>/  chatrl_checkpoints/d<depth>/
+`--checkpoint` takes a directory, an fsspec URL, or an MLflow model URI (`models:/nanochat/3`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat_core import storage
+from nanochat_core.config import InferenceConfig
+from nanochat_core.errors import UserError
+from nanochat_core.paths import base_dir, join
+
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
+AUTO_ORDER = ("rl", "sft", "mid", "base")  # the most post-trained model first: it is the one meant for chat
+
+
+@dataclass
+class Replica:
+    """One model copy on one device; a pool hands it to one request at a time."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    index: int
+    meta: dict = field(default_factory=dict)
+    _engine: object = field(default=None, repr=False)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from nanochat_core.engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer)  # tools on: the calculator, sandboxed
+        return self._engine
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.sequence_len
+
+
+def _depth_dirs(family_dir: str) -> dict[int, str]:
+    if not storage.exists(family_dir):
+        return {}
+    out = {}
+    for name in storage.listdir(family_dir):
+        m = re.fullmatch(r"d(\d+)", name)
+        if m:
+            out[int(m.group(1))] = join(family_dir, name)
+    return out
+
+
+def checkpoint_dir(cfg: InferenceConfig, root: str | None = None) -> tuple[str, str]:
+    """(checkpoint directory, a label for it such as `sft d20`) for the config's source."""
+    if cfg.checkpoint:
+        uri = cfg.checkpoint
+        if uri.startswith("models:/"):
+            from nanochat_core.tracking import resolve_model_uri
+
+            try:
+                return resolve_model_uri(uri), uri
+            except Exception as e:  # an unknown name/version or an unreachable tracking store
+                raise UserError(f"cannot resolve {uri} in the MLflow registry ({e}); check the model name and version") from None
+        if not storage.exists(uri):
+            raise UserError(f"checkpoint {uri} does not exist; pass a checkpoint directory, an fsspec URL or models:/nanochat/N")
+        return uri, uri
+    root = root or base_dir()
+    families = AUTO_ORDER if cfg.source == "auto" else (cfg.source,)
+    for family in families:
+        depths = _depth_dirs(join(root, SOURCE_DIRS[family]))
+        if not depths:
+            continue
+        if cfg.depth is not None:
+            if cfg.depth not in depths:
+                if cfg.source == "auto":
+                    continue
+                raise UserError(f"no d{cfg.depth} checkpoints for --source {family} in {root}; "
+                                f"found depths {sorted(depths)}")
+            return depths[cfg.depth], f"{family} d{cfg.depth}"
+        depth = max(depths)  # like nanochat: the largest model present
+        return depths[depth], f"{family} d{depth}"
+    where = join(root, SOURCE_DIRS[families[0]]) if len(families) == 1 else root
+    raise UserError(f"no checkpoints for --source {cfg.source} in {where}; train one first "
+                    "(`nanochat speedrun --preset tiny`) or pass --checkpoint")
+
+
+def devices(device_type: str) -> list[torch.device]:
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device-type cuda but no CUDA device is visible; use --device-type cpu")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device-type mps but MPS is not available here; use --device-type cpu")
+    return [torch.device(device_type)]
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_replicas(cfg: InferenceConfig, workers_per_device: int = 1, root: str | None = None) -> list[Replica]:
+    """Load the checkpoint once per replica: one per device, `workers_per_device` on each."""
+    from nanochat_core.checkpoint import load_model
+    from nanochat_core.tokenizer import Tokenizer
+
+    ckpt, label = checkpoint_dir(cfg, root)
+    replicas: list[Replica] = []
+    for device in devices(cfg.device_type):
+        for _ in range(workers_per_device):
+            model, tokenizer, meta = load_model(ckpt, step=cfg.step, device=device)
+            if tokenizer is None:  # the run's tokenizer moved: fall back to the base dir's
+                tokenizer = Tokenizer.load(join(root or base_dir(), "tokenizer"))
+            model.to(_dtype(cfg.dtype, device))
+            meta = {**meta, "checkpoint": ckpt, "label": label}
+            replicas.append(Replica(model, tokenizer, device, len(replicas), meta))
+    return replicas

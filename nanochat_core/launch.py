@@ -50,7 +50,8 @@ def command(stage: str, config_path: str, nproc_per_node: int = 1, nnodes: int =
     else:
         # Multi-node: torchrun's c10d rendezvous; every node runs this same command.
         launcher += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
-                     f"--rdzv_id={os.environ.get('NANOCHAT_RDZV_ID', 'nanochat')}"]
+                     # one rendezvous per stage, so nodes waiting for different stages never meet
+                     f"--rdzv_id={os.environ.get('NANOCHAT_RDZV_ID', 'nanochat')}-{stage}"]
     return [*launcher, *module]
 
 

@@ -62,7 +62,9 @@ def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refre
         bundle = None if "eval_bundle" in skip or "base_eval" in skip else submit("eval_bundle", {})
         base_eval = None
         if "base_eval" not in skip:
+            # With the bundle, base_eval scores CORE too, so the report always has it.
             base_eval = submit("base_eval", {"model": model, "eval_bundle": bundle} if bundle else {"model": model},
+                               _with(cfg, "base_eval", core=bundle is not None),
                                nproc_per_node=train.nproc_per_node, nnodes=train.nnodes)
         mid = submit("mid_train", {"model": model}, nproc_per_node=cfg.mid_train.nproc_per_node)
         sft = submit("chat_sft", {"model": mid}, nproc_per_node=cfg.chat_sft.nproc_per_node)

@@ -160,6 +160,10 @@ class BaseEvalConfig(StageConfig):
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
     out: str | None = Field(None, description="result directory (default: <base>/base_eval/d<depth>)")
+    core: bool = Field(False, description="also score CORE on the eval bundle (see --max-per-task, --bundle)")
+    random_init: bool = Field(
+        False, description="score an untrained model of the preset instead of a checkpoint (CORE ≈ 0 sanity check)"
+    )
 
 
 class PlanConfig(StageConfig):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
@@ -94,6 +95,11 @@ def start_stage_run(parent_run_id: str, stage: str, params: dict[str, Any]) -> s
     return run.info.run_id
 
 
+def metric_name(key: str) -> str:
+    """A metric key MLflow accepts: `train/pass@4` -> `train/pass_at_4`; other odd characters -> `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key.replace("@", "_at_"))
+
+
 def log_metric_rows(run_id: str, rows: Iterable[dict[str, Any]]) -> int:
     """Forward JSON-lines metric rows (`{"step": N, "train/loss": x, ...}`) to a run; returns the count."""
     import time
@@ -109,7 +115,7 @@ def log_metric_rows(run_id: str, rows: Iterable[dict[str, Any]]) -> int:
         for key, value in row.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            batch.append(Metric(key, float(value), int(row.get("time_ms", now)), step))
+            batch.append(Metric(metric_name(key), float(value), int(row.get("time_ms", now)), step))
         if len(batch) >= 900:  # MLflow's log_batch takes at most 1,000 metrics
             client.log_batch(run_id, metrics=batch)
             count += len(batch)

@@ -71,9 +71,10 @@ def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
         "NANOCHAT_FLOW_ROOT": str(REPO),
     }
 
-    def prefect(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    def prefect(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
         out = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        if check:
+            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         return out
 
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -82,7 +83,13 @@ def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
     try:
         wait_healthy(f"http://127.0.0.1:{port}/api/health", server)
         prefect("work-pool", "create", "local", "--type", "process")
-        prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "smoke")
+        deploy = prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "smoke",
+                         check=False)
+        if deploy.returncode != 0:
+            # prefect 3.8.8's CLI saves the deployment, then its closing lookup of online workers sends
+            # `limit: null`, which its own server answers with 422; the deployment itself is in place.
+            assert "422" in deploy.stdout + deploy.stderr, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        prefect("deployment", "inspect", "nanochat/smoke")
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local"], env=env, cwd=REPO,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         run = prefect("deployment", "run", "nanochat/smoke", "--watch", "--watch-timeout", "600", timeout=660)

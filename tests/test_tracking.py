@@ -41,3 +41,10 @@ def test_a_checkpoint_registers_in_place_as_a_model_version(tmp_path):
     assert first == "models:/nanochat/1" and second == "models:/nanochat/2"
     assert tracking.resolve_model_uri(first) == str(ckpt)
     assert tracking.resolve_model_uri("models:/nanochat/latest") == str(ckpt)
+
+
+def test_metric_names_mlflow_rejects_are_made_legal():
+    assert tracking.metric_name("train/pass@4") == "train/pass_at_4"
+    assert tracking.metric_name("eval/ARC-Easy") == "eval/ARC-Easy"
+    run = tracking.start_pipeline_run("t", {}, {})
+    assert tracking.log_metric_rows(run, [{"step": 1, "train/pass@4": 0.5, "odd#key": 1}]) == 2

@@ -28,7 +28,8 @@ SUMMARY_COLUMNS = {"BASE": "base_eval", "MID": "mid_eval", "SFT": "sft_eval", "R
 STAGE_ORDER = ["corpus", "download", "tok_train", "tok_eval", "base_train", "eval_bundle", "base_eval",
                "mid_train", "chat_sft", "chat_rl", "chat_eval"]
 # Keys of a ref that are bookkeeping, not figures.
-HIDDEN = {"stage", "path", "manifest", "digest", "run_id", "metrics_path", "samples", "tasks", "per_task"}
+HIDDEN = {"stage", "path", "manifest", "digest", "run_id", "metrics_path", "samples", "tasks", "per_task",
+          "core_table"}
 
 
 def find_refs(root: str) -> dict[str, dict]:
@@ -86,7 +87,8 @@ def stage_section(stage: str, ref: dict) -> list[str]:
     if ref.get("run_id"):
         lines.append(f"- MLflow run: `{ref['run_id']}`")
     for key, value in ref.items():
-        if key not in HIDDEN and isinstance(value, (int, float, str, bool)):
+        # "eval/<task>" keys repeat the per-task table under their MLflow names
+        if key not in HIDDEN and "/" not in key and isinstance(value, (int, float, str, bool)):
             lines.append(f"- {key}: {_fmt(value)}")
     return lines + [""]
 
@@ -155,6 +157,8 @@ def run(cfg: PipelineConfig, refs: dict[str, dict] | None = None) -> dict:
     ]
     for stage, ref in ordered.items():
         body += stage_section(stage, ref)
+        if ref.get("core_table"):
+            body += ["```", ref["core_table"], "```", ""]
     storage.write_text(join(out_dir, "report.md"), "\n".join(body))
     return artifacts.make_ref("report", out_dir, {"stages": len(ordered)})
 

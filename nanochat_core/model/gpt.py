@@ -239,12 +239,17 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V)
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            # Only slice when there is padding: the slice's backward allocates and fills a zero
+            # tensor the size of all logits, which measured ~5% of a d4-cpu step on CPU.
+            logits = logits[..., : self.config.vocab_size]
+        logits = logits.float()  # (B, T, V); the softcap and the loss in fp32
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
 
     @torch.inference_mode()

@@ -1,0 +1,175 @@
+"""Checkpoints: write, find, resume, and load a trained model for later stages.
+
+A checkpoint directory (e.g. `<base>/base_checkpoints/d20/`) holds per step:
+    model_{step:06d}.pt            model weights (rank 0)
+    optim_{step:06d}_rank{r}.pt    optimizer state, loader state and RNG of rank r (every rank)
+    meta_{step:06d}.json           model config, user config, plan, loader position, loop state
+Every file is written atomically through the storage layer and the meta file is written last, after
+all ranks' files exist: a step counts as complete only when its meta is there, so a crash mid-save
+leaves the previous checkpoint as the latest complete one.
+
+    model, tokenizer, meta = load_model(join(base_dir(), "base_checkpoints", "d20"))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import time
+from typing import Any
+
+import torch
+
+from nanochat_core import storage
+from nanochat_core.errors import UserError
+from nanochat_core.paths import base_dir, join
+
+META_RE = re.compile(r"^meta_(\d{6,})\.json$")
+
+
+def model_file(step: int) -> str:
+    return f"model_{step:06d}.pt"
+
+
+def meta_file(step: int) -> str:
+    return f"meta_{step:06d}.json"
+
+
+def optim_file(step: int, rank: int) -> str:
+    return f"optim_{step:06d}_rank{rank}.pt"
+
+
+def base_checkpoint_dir(depth: int, root: str | None = None) -> str:
+    return join(root or base_dir(), "base_checkpoints", f"d{depth}")
+
+
+def _save_torch(url: str, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def _load_torch(url: str, device: str | torch.device = "cpu") -> Any:
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {url} is missing; resume from an earlier step or retrain") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError) as e:
+        raise UserError(
+            f"checkpoint file {url} is corrupt ({type(e).__name__}); delete that step's files to fall back "
+            "to the previous checkpoint, or retrain"
+        ) from None
+
+
+def complete_steps(ckpt_dir: str) -> list[int]:
+    """Steps whose meta exists (the commit marker) and whose model file is present, ascending."""
+    names = set(storage.listdir(ckpt_dir))
+    steps = []
+    for name in names:
+        m = META_RE.match(name)
+        if m and model_file(int(m.group(1))) in names:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step(ckpt_dir: str) -> int | None:
+    steps = complete_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def read_meta(ckpt_dir: str, step: int) -> dict:
+    url = join(ckpt_dir, meta_file(step))
+    try:
+        return json.loads(storage.read_text(url))
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at step {step} in {ckpt_dir}; pick one of {complete_steps(ckpt_dir)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"checkpoint metadata {url} is corrupt; delete that step's files or retrain") from None
+
+
+def save_checkpoint(ckpt_dir: str, step: int, rank: int, model_state: dict | None, rank_state: dict,
+                    meta: dict | None, barrier=lambda: None, keep_last: int | None = None) -> None:
+    """Every rank calls this: each writes its own rank file; rank 0 then writes model and meta.
+
+    `model_state` and `meta` are only needed on rank 0. Older complete checkpoints beyond
+    `keep_last` are deleted after the new one is committed.
+    """
+    _save_torch(join(ckpt_dir, optim_file(step, rank)), rank_state)
+    barrier()  # every rank's file exists before the meta commits the step
+    if rank == 0:
+        assert model_state is not None and meta is not None
+        _save_torch(join(ckpt_dir, model_file(step)), model_state)
+        storage.write_text(join(ckpt_dir, meta_file(step)), json.dumps(meta, indent=2))
+        if keep_last is not None:
+            prune(ckpt_dir, keep_last)
+    barrier()
+
+
+def prune(ckpt_dir: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of older failed saves."""
+    steps = complete_steps(ckpt_dir)
+    if len(steps) <= keep_last:
+        return
+    oldest_kept = steps[-keep_last]
+    for name in storage.listdir(ckpt_dir):
+        m = re.match(r"^(?:model|meta|optim)_(\d{6,})", name)
+        if m and int(m.group(1)) < oldest_kept:
+            storage.remove(join(ckpt_dir, name))
+
+
+def move_aside(ckpt_dir: str) -> str | None:
+    """Rename a directory holding checkpoints to `<dir>.<timestamp>` (a fresh run never overwrites)."""
+    if not any(META_RE.match(n) or n.startswith(("model_", "optim_")) for n in storage.listdir(ckpt_dir)):
+        return None
+    aside = f"{ckpt_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while storage.exists(aside):
+        aside = f"{ckpt_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    storage.rename(ckpt_dir, aside)
+    return aside
+
+
+def load_rank_state(ckpt_dir: str, step: int, rank: int, device="cpu") -> dict:
+    return _load_torch(join(ckpt_dir, optim_file(step, rank)), device)
+
+
+def load_model_state(ckpt_dir: str, step: int, device="cpu") -> dict:
+    return _load_torch(join(ckpt_dir, model_file(step)), device)
+
+
+def load_model(source: str, step: int | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer or None, meta) from a checkpoint directory or URL.
+
+    The model is rebuilt from the config in the meta file, so callers need not know its depth.
+    The tokenizer is the one the run trained with, when it is still where the meta says.
+    """
+    from nanochat_core.model.gpt import GPTConfig, build_model
+
+    if step is None:
+        step = latest_step(source)
+        if step is None:
+            raise UserError(f"no complete checkpoint in {source}; run `nanochat base-train` first or check the path")
+    meta = read_meta(source, step)
+    model_cfg = GPTConfig(**meta["model_config"])
+    model = build_model(model_cfg, device=device)
+    state = load_model_state(source, step, device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(
+            f"checkpoint {join(source, model_file(step))} does not match its own model config "
+            f"(depth {model_cfg.n_layer}, vocab {model_cfg.vocab_size}); the files come from different runs"
+        ) from None
+    model.eval()
+    tokenizer = None
+    tok_dir = meta.get("tokenizer_dir")
+    if tok_dir and storage.exists(join(tok_dir, "tokenizer.pkl")):
+        from nanochat_core.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tok_dir)
+    return model, tokenizer, meta

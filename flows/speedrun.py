@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     state = nanochat(cfg, skip=ns.skip, refresh=ns.refresh, return_state=True)
     wall = time.time() - started
-    rows = stage_summary(state.state_details.flow_run_id)
+    # After a failure, downstream runs stay NotReady (never final): don't wait for them.
+    rows = stage_summary(state.state_details.flow_run_id, 60 if state.is_completed() else 5)
     print(format_summary(rows, wall))
     if state.is_failed():
         print(f"\nthe run failed: {_failure(state)}", file=sys.stderr)
@@ -79,15 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {sys.prefix}/bin/mlflow ui --backend-store-uri {tracking_uri()} --workers 1")
 
 
-def stage_summary(flow_run_id) -> list[dict]:
-    """Each task run of the flow run: name, final state (Completed / Cached / Failed) and seconds."""
+def stage_summary(flow_run_id, settle_s: float = 60) -> list[dict]:
+    """Each task run of the flow run: name, final state (Completed / Cached / Failed) and seconds.
+
+    Prefect 3 records task-run states through events the API applies a moment later, so right after the
+    flow returns some runs can still read Pending / Running: wait (bounded) until every one is final.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    deadline = time.time() + settle_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                         sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+            if all(r.state and r.state.is_final() for r in runs) or time.time() > deadline:
+                break
+            time.sleep(0.5)
     rows = []
     for run in sorted(runs, key=lambda r: r.expected_start_time or r.created):
         seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0

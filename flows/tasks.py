@@ -7,6 +7,7 @@ stage's latest checkpoint (`resume=True`), it does not start over.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,18 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in SECTIONS[stage]}
     run_id = tracking.start_stage_run(parent_run_id, stage, params) if parent_run_id else None
     env = {"NANOCHAT_MLFLOW_RUN_ID": run_id} if run_id else {}
+    # System metrics (CPU, memory, GPU) only where they tell something: the long training stages.
+    monitor = tracking.SystemMetrics(run_id) if run_id and stage in RESUMABLE else contextlib.nullcontext()
     try:
-        if run_id and stage in RESUMABLE:
-            with tracking.SystemMetrics(run_id):
-                ref = run_stage(stage, cfg, logger.info, nproc_per_node, nnodes, env, inputs)
-        else:
+        with monitor:
             ref = run_stage(stage, cfg, logger.info, nproc_per_node, nnodes, env, inputs)
     except BaseException:
         if run_id:
             tracking.end_run(run_id, "FAILED")
         raise
     if run_id:
-        tracking.log_metric_rows(run_id, tracking.read_jsonl(ref["metrics_path"])) if ref.get("metrics_path") else None
+        if ref.get("metrics_path"):
+            tracking.log_metric_rows(run_id, tracking.read_jsonl(ref["metrics_path"]))
         tracking.log_figures(run_id, ref)
         if stage in CHECKPOINT_STAGES:
             ref["model_uri"] = tracking.register_checkpoint(run_id, ref["path"], {"stage": stage})

@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, config_from_args, stage_parser
 from nanochat_core.data.shards import shard_name
 from nanochat_core.data.download import download_shards, find_val_index, resolve_template
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import base_dir, join
-
-SAMPLE = "sample"
-
 
 def data_dir() -> str:
     return join(base_dir(), "base_data")
@@ -34,7 +31,7 @@ def data_dir() -> str:
 def source_template(cfg: PipelineConfig) -> str:
     """The URL template to fetch from; `sample` means the sample corpus as a file:// source."""
     source = cfg.download.source
-    if source == SAMPLE:
+    if source == SAMPLE_SOURCE:
         from nanochat_core.stages.corpus import corpus_dir
 
         corpus = corpus_dir(cfg)

@@ -118,3 +118,18 @@ def test_d20_has_561m_parameters():
     model = build_model(GPTConfig.from_depth(20, 65536, 2048), device="meta")
     assert model.config.n_embd == 1280 and model.config.n_head == 10
     assert 560e6 < model.num_params() < 562e6
+
+
+@pytest.mark.parametrize("T,groups", [(5, 1), (128, 1), (300, 2)])  # one block, exact blocks, ragged + GQA
+def test_cpu_block_attention_equals_sdpa(T, groups):
+    from nanochat_core.model.gpt import causal_attention_cpu
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, 16, requires_grad=True)
+    k, v = (torch.randn(2, 4 // groups, T, 16, requires_grad=True) for _ in range(2))
+    got = causal_attention_cpu(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

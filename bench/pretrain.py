@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import inspect
 import json
 import math
 import os
@@ -41,40 +39,21 @@ from nanochat_core.paths import join  # noqa: E402
 VOCAB, DEPTH, DIM, SEQ, TOTAL_BATCH = 8192, 4, 128, 512, 4096
 
 
-# --- data: the caller's base dir, else the standard library's docstrings -------------------------
-
-
-def stdlib_docs() -> list[str]:
-    docs = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            continue
-        for obj in [module] + [getattr(module, a, None) for a in sorted(dir(module))]:
-            doc = inspect.getdoc(obj) if obj is not None else None
-            if doc and len(doc) >= 200:
-                docs.append(doc)
-    return list(dict.fromkeys(docs))
+# --- data: the caller's base dir, else the standard library's docstrings ----------------------------
 
 
 def prepare_base(base: str | None) -> str:
     """A base dir with a vocab-8192 tokenizer and shards: the given one if complete, else a temp one."""
-    import warnings
-
     from nanochat_core import storage
 
     if base and storage.exists(join(base, "tokenizer", "tokenizer.pkl")) and storage.exists(join(base, "base_data")):
         return base
     from nanochat_core.data.shards import write_shards
+    from nanochat_core.data.stdlib_text import stdlib_docs
     from nanochat_core.tokenizer import Tokenizer
 
     base = tempfile.mkdtemp(prefix="bench-pretrain-")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        docs = stdlib_docs()
+    docs = list(stdlib_docs())
     write_shards(docs, join(base, "base_data"), 120_000)
     Tokenizer.train(docs, VOCAB).save(join(base, "tokenizer"))
     return base

@@ -1,7 +1,8 @@
 """Devices the plan and MFU know: dense BF16 peak FLOPS and memory per device.
 
 GPU peaks are the vendors' dense (no sparsity) BF16 tensor-core figures. The CPU entry is this
-project's 2-core AMX machine, measured (DESIGN.md §11: a 2048² bf16 matmul at ~1.8 TFLOP/s).
+project's 2-core machine, measured by bench/pretrain.py: a 2048² bf16 matmul at 0.40 TFLOP/s on
+2 threads. DESIGN.md §11 says AMX at ~1.8 TFLOP/s; the machine has AVX-512-BF16 and no AMX.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DEVICES: dict[str, Device] = {
         Device("l4", 121e12, 24),
         Device("4090", 165e12, 24),
         Device("3090", 71e12, 24),
-        Device("cpu", 1.8e12, 24),
+        Device("cpu", 0.40e12, 24),
     ]
 }
 

@@ -7,32 +7,15 @@ each tagged `#NNNN ` with its index so a test can tell which documents a rank re
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
-import sys
 
 from nanochat_core.data.shards import write_shards
+from nanochat_core.data.stdlib_text import stdlib_docs as library_docs
 from nanochat_core.paths import join
-
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
 
 
 @functools.cache
-def stdlib_docs(min_chars: int = 200) -> tuple[str, ...]:
-    docs = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in SKIP:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            continue
-        for obj in [module] + [getattr(module, a, None) for a in sorted(dir(module))]:
-            doc = inspect.getdoc(obj) if obj is not None else None
-            if doc and len(doc) >= min_chars:
-                docs.append(doc)
-    docs = list(dict.fromkeys(docs))
-    return tuple(f"#{i:04d} {d}" for i, d in enumerate(docs))
+def stdlib_docs() -> tuple[str, ...]:
+    return tuple(f"#{i:04d} {d}" for i, d in enumerate(library_docs()))
 
 
 @functools.cache

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core.errors import UserError
+from nanochat_core.hardware import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def init(device_type: str = "auto") -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
+    if device_type == "cpu":
+        keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)

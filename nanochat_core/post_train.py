@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat_core import dist, storage
+from nanochat_core import artifacts, dist, storage
 from nanochat_core.checkpoint import base_checkpoint_dir, latest_step, load_model, move_aside, save_checkpoint
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError
@@ -139,6 +139,20 @@ def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: 
         "preset": cfg.preset, "source": source, "source_step": start_meta.get("step"),
         "tokenizer_dir": start_meta.get("tokenizer_dir"), "time": time.time(),
     }
+
+
+def finish_supervised(stage: str, label: str, out: str, rt: dist.Runtime, model, opt, meta: dict, stats: dict,
+                      metrics, say, started: float, **figures) -> dict:
+    """The end of mid_train and chat_sft: final checkpoint, metrics flushed, the stage's ref."""
+    step = meta["step"]
+    save(out, step, rt, model, opt, meta)
+    metrics.flush()
+    figures = {"step": step, **figures, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
+               "trained_tokens": stats["tokens"], "train_time_s": stats["train_time_s"],
+               "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}
+    ref = artifacts.make_ref(stage, out, figures) if rt.master else {"path": out, **figures}
+    say(f"{label} done: {step} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
+    return ref
 
 
 @torch.no_grad()

@@ -231,6 +231,23 @@ def read_manifest(bundle: str) -> dict:
     return json.loads(storage.read_text(url)) if storage.exists(url) else {}
 
 
+def write_manifest(bundle: str, manifest: dict) -> None:
+    storage.write_text(join(bundle, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+
+
+def task_entry(task: TaskSpec, examples: int, sha256: str, **extra) -> dict:
+    """One task's record in manifest.json, however the bundle was made (`extra`: provenance, notes)."""
+    return {
+        "dataset_uri": task.dataset_uri,
+        "type": task.task_type,
+        "num_fewshot": task.num_fewshot,
+        "random_baseline": task.random_baseline,
+        "examples": examples,
+        "sha256": sha256,
+        **extra,
+    }
+
+
 # --- the public zip ---------------------------------------------------------------------------
 
 

@@ -32,7 +32,9 @@ import pyarrow.ipc as ipc
 
 from nanochat_core import storage
 from nanochat_core.errors import UserError
-from nanochat_core.evaluation.bundle import CORE_TASKS, TaskSpec, core_yaml, file_lock, jsonl, meta_csv
+from nanochat_core.evaluation.bundle import (
+    CORE_TASKS, TaskSpec, core_yaml, file_lock, jsonl, meta_csv, task_entry, write_manifest,
+)
 from nanochat_core.paths import join
 
 # Bump when a converter's output changes, so a cached bundle built by older code is rebuilt.
@@ -390,21 +392,13 @@ def write_bundle(out: str, data: dict[str, tuple[list[dict], str]], source: str)
         "present": [t.label for t in present],
         "missing": missing,
         "tasks": {
-            t.label: {
-                "dataset_uri": t.dataset_uri,
-                "type": t.task_type,
-                "num_fewshot": t.num_fewshot,
-                "random_baseline": t.random_baseline,
-                "examples": len(data[t.dataset_uri][0]),
-                "source": data[t.dataset_uri][1],
-                "sha256": files[t.dataset_uri],
-                **({"note": notes[t.label]} if t.label in notes else {}),
-            }
+            t.label: task_entry(t, len(data[t.dataset_uri][0]), files[t.dataset_uri], source=data[t.dataset_uri][1],
+                                **({"note": notes[t.label]} if t.label in notes else {}))
             for t in present
         },
         "comparable_to_published": not missing and not any(t.label in notes for t in present),
     }
-    storage.write_text(join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     storage.write_text(join(out, "core.yaml"), core_yaml(present))
     return manifest
 

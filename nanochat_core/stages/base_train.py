@@ -70,10 +70,10 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """The compute dtype under autocast; None means plain fp32.
 
     auto: bf16 on CUDA devices that support it and on CPUs with native bf16 matmuls. On this
-    project's 2-core AVX-512-BF16 machine (no AMX) a d4-cpu step (B=8, `bench/pretrain.py --steps 0`)
-    ran 5,125 tok/s in fp32, 6,299 in bf16 and 15,834 in bf16 with torch.compile, and 100 steps
-    ended at the same loss (4.270 vs 4.276) and val bpb (2.2282 vs 2.2279) as fp32; elsewhere on
-    CPU (and on MPS), fp32.
+    project's 2-core AVX-512-BF16 machine (no AMX), one `bench/pretrain.py` run: a d4-cpu step (B=8,
+    interleaved) ran 5,586 tok/s in fp32, 6,792 in bf16 and 14,669 in bf16 with torch.compile, and
+    100 steps ended at the same loss (4.270 vs 4.276) and val bpb (2.2288 vs 2.2279) as fp32;
+    elsewhere on CPU (and on MPS), fp32.
     """
     if dtype == "float32":
         return None

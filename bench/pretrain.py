@@ -132,6 +132,7 @@ def child_reference(base: str, steps: int, batch: int) -> dict:
 
 def child_ours(base: str, steps: int, batch: int, variant: str) -> dict:
     from nanochat_core.presets import d4_cpu
+    from nanochat_core.stage_args import resolve
     from nanochat_core.stages import base_train
 
     os.environ["NANOCHAT_BASE_DIR"] = base
@@ -142,7 +143,7 @@ def child_ours(base: str, steps: int, batch: int, variant: str) -> dict:
         "dtype": "bfloat16" if "bf16" in variant else "float32", "compile": "compile" in variant, "out": out,
     })})
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the one result line
-        result = base_train.run(cfg)
+        result = base_train.run(cfg, resolve("base_train", cfg))
     records = [json.loads(line) for line in open(join(out, "metrics.jsonl"))]
     train = [r for r in records if "train/loss" in r]
     return {"losses": [r["train/loss"] for r in train], "dts": [r["train/dt_ms"] / 1000 for r in train],

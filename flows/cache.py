@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 from nanochat_core.artifacts import digest_of, verify
 
 # Bump to invalidate every cached stage (e.g. after a change in what a ref means).
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: stages read their inputs from refs (shards refs list their files)
 CODE_VERSION_ENV = "NANOCHAT_CODE_VERSION"  # the image's git sha on GPU workers
 
 

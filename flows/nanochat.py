@@ -23,17 +23,17 @@ from flows.tasks import settings, stage_task
 from nanochat_core import tracking
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
 from nanochat_core.errors import UserError
+from nanochat_core.registry import STAGES
 
 # Shards the tokenizer trains on come first; the rest keep downloading while it trains (speedrun.sh's `&`).
 TOKENIZER_SHARDS = 8
-# Stages a run may leave out; the others feed a later stage.
-SKIPPABLE = {"tok_eval", "eval_bundle", "base_eval", "chat_rl", "chat_eval", "report"}
+SKIPPABLE = sorted(s.name for s in STAGES.values() if s.skippable)
 
 
 @flow(name="nanochat", log_prints=True)
 def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refresh: list[str] = []) -> dict[str, Any]:
     """Run the pipeline for `cfg`; `skip` leaves stages out, `refresh` re-runs stages despite their cache."""
-    bad = set(skip) - SKIPPABLE
+    bad = set(skip) - set(SKIPPABLE)
     if bad:
         raise UserError(f"cannot skip {', '.join(sorted(bad))}: later stages need it; skippable: {', '.join(sorted(SKIPPABLE))}")
     ctx = FlowRunContext.get()
@@ -54,6 +54,7 @@ def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refre
         head = min(cfg.download.num_shards, TOKENIZER_SHARDS)
         first = submit("download", source, _with(cfg, "download", num_shards=head), name=f"download[:{head}]")
         shards = submit("download", source) if cfg.download.num_shards > head else first
+        # tok_train reads exactly the shards `first` lists, so it never sees what `shards` is still fetching.
         tokenizer = submit("tok_train", {"shards": first})
         tok_eval = None if "tok_eval" in skip else submit("tok_eval", {"tokenizer": tokenizer, "shards": first})
         train = cfg.base_train
@@ -63,7 +64,8 @@ def nanochat(cfg: PipelineConfig = PipelineConfig(), skip: list[str] = [], refre
         base_eval = None
         if "base_eval" not in skip:
             # With the bundle, base_eval scores CORE too, so the report always has it.
-            base_eval = submit("base_eval", {"model": model, "eval_bundle": bundle} if bundle else {"model": model},
+            inputs = {"model": model, "tokenizer": tokenizer, "shards": shards, **({"eval_bundle": bundle} if bundle else {})}
+            base_eval = submit("base_eval", inputs,
                                _with(cfg, "base_eval", core=bundle is not None),
                                nproc_per_node=train.nproc_per_node, nnodes=train.nnodes)
         mid = submit("mid_train", {"model": model}, nproc_per_node=cfg.mid_train.nproc_per_node)

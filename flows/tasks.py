@@ -1,8 +1,9 @@
 """One small Prefect task per stage: launch it (torchrun or a process), track it, return its ref.
 
-The heavy lifting is `nanochat_core.launch.run_stage`; each task here only says which stage runs, which
-config sections its cache key covers, and how many processes it gets. A retry resumes from the
-stage's latest checkpoint (`resume=True`), it does not start over.
+The heavy lifting is `nanochat_core.launch.run_stage`; what each stage's task needs to know (the config
+sections its cache key covers, whether a retry resumes, whether it produces a model) is its record in
+nanochat_core.registry. A retry of a resumable stage continues from its latest checkpoint
+(`resume=True`), it does not start over.
 """
 
 from __future__ import annotations
@@ -19,26 +20,7 @@ from nanochat_core import tracking
 from nanochat_core.config import PipelineConfig, flatten
 from nanochat_core.launch import run_stage
 from nanochat_core.paths import base_dir, join
-
-# The config sections each stage reads: they, and nothing else, enter its cache key.
-SECTIONS: dict[str, list[str]] = {
-    "corpus": ["corpus"],
-    "download": ["download"],
-    "tok_train": ["tok_train"],
-    "tok_eval": ["tok_eval"],
-    "eval_bundle": ["eval_bundle"],
-    "base_train": ["base_train"],
-    "base_eval": ["base_eval", "core"],
-    "mid_train": ["mid_train"],
-    "chat_sft": ["chat_sft"],
-    "chat_rl": ["chat_rl"],
-    "chat_eval": ["chat_eval"],
-    "report": ["plan"],
-}
-# Stages that train from checkpoints: a retry continues from the latest one.
-RESUMABLE = {"base_train"}
-# Stages whose output is a model: registered as a version of the MLflow model `nanochat`.
-CHECKPOINT_STAGES = {"base_train", "mid_train", "chat_sft", "chat_rl"}
+from nanochat_core.registry import STAGES
 
 
 def result_storage() -> Path | None:
@@ -51,22 +33,24 @@ def result_storage() -> Path | None:
 
 
 def settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    return {section: getattr(cfg, section).model_dump(mode="json") for section in SECTIONS[stage]}
+    """The config fields `stage` reads (its record's `reads`): they, and nothing else, enter its cache key."""
+    return {name: cfg.model_dump(mode="json", include={name})[name] for name in STAGES[stage].reads}
 
 
 def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_run_id: str | None,
              nproc_per_node: int = 1, nnodes: int = 1) -> dict[str, Any]:
     logger = get_run_logger()
+    record = STAGES[stage]
     attempt = TaskRunContext.get().task_run.run_count
-    if attempt > 1 and stage in RESUMABLE:
+    if attempt > 1 and record.resumable:
         logger.info(f"attempt {attempt}: resuming {stage} from its latest checkpoint")
         section = getattr(cfg, stage)
         cfg = cfg.model_copy(update={stage: section.model_copy(update={"resume": True})})
-    params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in SECTIONS[stage]}
+    params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in record.reads}
     run_id = tracking.start_stage_run(parent_run_id, stage, params) if parent_run_id else None
     env = {"NANOCHAT_MLFLOW_RUN_ID": run_id} if run_id else {}
     # System metrics (CPU, memory, GPU) only where they tell something: the long training stages.
-    monitor = tracking.SystemMetrics(run_id) if run_id and stage in RESUMABLE else contextlib.nullcontext()
+    monitor = tracking.SystemMetrics(run_id) if run_id and record.resumable else contextlib.nullcontext()
     try:
         with monitor:
             ref = run_stage(stage, cfg, logger.info, nproc_per_node, nnodes, env, inputs)
@@ -78,8 +62,8 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
         if ref.get("metrics_path"):
             tracking.log_metric_rows(run_id, tracking.read_jsonl(ref["metrics_path"]))
         tracking.log_figures(run_id, ref)
-        if stage in CHECKPOINT_STAGES:
-            ref["model_uri"] = tracking.register_checkpoint(run_id, ref["path"], {"stage": stage})
+        if record.family:
+            ref["model_uri"] = tracking.register_checkpoint(run_id, ref["path"], {"stage": stage, "family": record.family})
             logger.info(f"registered {ref['path']} as {ref['model_uri']}")
         tracking.end_run(run_id)
         ref["run_id"] = run_id

@@ -8,7 +8,7 @@ Every file is written atomically through the storage layer and the meta file is 
 all ranks' files exist: a step counts as complete only when its meta is there, so a crash mid-save
 leaves the previous checkpoint as the latest complete one.
 
-    model, tokenizer, meta = load_model(join(base_dir(), "base_checkpoints", "d20"))
+    model, tokenizer, meta = load_model(paths.checkpoint_dir("base", 20))
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from nanochat_core import storage
 from nanochat_core.errors import UserError
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import join
 
 META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 
@@ -39,10 +39,6 @@ def meta_file(step: int) -> str:
 
 def optim_file(step: int, rank: int) -> str:
     return f"optim_{step:06d}_rank{rank}.pt"
-
-
-def base_checkpoint_dir(depth: int, root: str | None = None) -> str:
-    return join(root or base_dir(), "base_checkpoints", f"d{depth}")
 
 
 def _save_torch(url: str, obj: Any) -> None:

@@ -6,21 +6,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+from nanochat_core.registry import STAGES
+
 # subcommand -> (module with a `main(argv)`, one line of help). Two-word commands use a space.
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("nanochat_core.plan", "print the derived training plan and its cost"),
-    "corpus build": ("nanochat_core.stages.corpus", "build the sample pretraining corpus from packaged text"),
-    "download": ("nanochat_core.stages.download", "fetch pretraining shards + the val shard into base_data"),
-    "tok-train": ("nanochat_core.stages.tok_train", "train the BPE tokenizer (Rust) on the first shards"),
-    "tok-eval": ("nanochat_core.stages.tok_eval", "bytes/token of the tokenizer on held-out text vs GPT-2/GPT-4"),
-    "base-train": ("nanochat_core.stages.base_train", "pretrain the base model (torchrun for N processes)"),
-    "base-eval": ("nanochat_core.stages.base_eval", "bits per byte on train/val shards and samples of a base model"),
-    "eval-bundle build": ("nanochat_core.stages.eval_bundle", "build or download the CORE eval bundle"),
-    "mid-train": ("nanochat_core.stages.mid_train", "midtrain: chat format, multiple choice, tool use, spelling"),
-    "sft": ("nanochat_core.stages.chat_sft", "supervised fine-tuning, loss on assistant tokens only"),
-    "rl": ("nanochat_core.stages.chat_rl", "reinforcement learning on math word problems (pass@k logged)"),
-    "chat-eval": ("nanochat_core.stages.chat_eval", "ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE"),
-    "report": ("nanochat_core.stages.report", "write the report card from every stage's result"),
+    **{s.command: (s.module, s.help) for s in STAGES.values()},
     "chat": ("nanochat_core.serve.cli", "streaming terminal chat with a trained checkpoint"),
     "serve": ("nanochat_core.serve.server", "web chat UI + OpenAI-compatible API (FastAPI) on a checkpoint"),
     # The only command that imports Prefect, and only when called.

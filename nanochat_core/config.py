@@ -136,8 +136,6 @@ class BaseTrainConfig(StageConfig):
     seed: int = Field(42, description="random seed")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: off)")
     loader_threads: int = Field(4, ge=1, description="tokenizer threads of the data loader")
-    data_dir: str | None = Field(None, description="pretraining shards (default: <base>/base_data)")
-    tokenizer_dir: str | None = Field(None, description="trained tokenizer (default: <base>/tokenizer)")
     out: str | None = Field(
         None, description="checkpoint directory or URL (default: <base>/base_checkpoints/d<depth>)"
     )
@@ -150,9 +148,6 @@ class BaseTrainConfig(StageConfig):
 class BaseEvalConfig(StageConfig):
     """`nanochat base-eval`: bits per byte on the train and val shards, and samples."""
 
-    source: str | None = Field(
-        None, description="checkpoint directory (default: <base>/base_checkpoints/d<base_train.depth>)"
-    )
     step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
     split_tokens: int = Field(20 * 524_288, ge=1, description="tokens evaluated per split")
     device_batch_size: int = Field(32, ge=1, description="sequences per forward pass")
@@ -160,9 +155,9 @@ class BaseEvalConfig(StageConfig):
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
     out: str | None = Field(None, description="result directory (default: <base>/base_eval/d<depth>)")
-    core: bool = Field(False, description="also score CORE on the eval bundle (see --max-per-task, --bundle)")
+    core: bool = Field(False, description="also score CORE on the eval bundle (see --max-per-task, --eval-bundle)")
     random_init: bool = Field(
-        False, description="score an untrained model of the preset instead of a checkpoint (CORE ≈ 0 sanity check)"
+        False, description="score an untrained model of the checkpoint's shape instead (CORE ≈ 0 sanity check)"
     )
 
 
@@ -207,9 +202,6 @@ class CoreConfig(StageConfig):
 
     max_per_task: int = Field(
         -1, description="examples per task after the fixed shuffle (-1: all; 500 is cheap and steady)"
-    )
-    bundle: str | None = Field(
-        None, description="eval bundle directory or fsspec URL (default: <base>/eval_bundle)"
     )
 
 
@@ -273,7 +265,6 @@ CHAT_EVAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "S
 class PostTrainConfig(StageConfig):
     """Fields shared by midtraining and SFT (each stage declares its own defaults below)."""
 
-    source: str | None = Field(None, description="checkpoint directory to start from (default: the previous stage's)")
     step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
     tasks: list[str] = Field(MID_TASKS, description="training mixture as task specs name[:size][@path], comma-separated")
     val_examples: int = Field(200, ge=0, description="examples held out of the mixture for the val loss")
@@ -315,7 +306,6 @@ class ChatSFTConfig(PostTrainConfig):
 class ChatRLConfig(StageConfig):
     """`nanochat rl`: REINFORCE on math word problems; reward 1 for the right `#### N`."""
 
-    source: str | None = Field(None, description="checkpoint directory to start from (default: the SFT checkpoints)")
     step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
     tasks: list[str] = Field(["gsm8k-train"], description="problems to train on, as task specs (math[:N] offline)")
     num_iterations: int = Field(-1, description="optimizer steps (-1: one pass over the problems)")
@@ -341,8 +331,7 @@ class ChatRLConfig(StageConfig):
 class ChatEvalConfig(StageConfig):
     """`nanochat chat-eval`: ARC, MMLU (letters) and GSM8K, HumanEval, SpellingBee (generation); ChatCORE."""
 
-    model_source: Literal["mid", "sft", "rl"] = Field("sft", description="which checkpoints to score")
-    source: str | None = Field(None, description="checkpoint directory (default: the model_source stage's)")
+    model_source: Literal["mid", "sft", "rl"] = Field("sft", description="which checkpoint family to score")
     step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
     tasks: list[Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]] = Field(
         CHAT_EVAL_TASKS, description="tasks to score, comma-separated")

@@ -18,8 +18,7 @@ from typing import IO, Iterator
 import torch
 import torch.distributed as dist
 
-from nanochat_core.errors import UserError
-from nanochat_core.hardware import keep_freed_memory
+from nanochat_core.hardware import keep_freed_memory, resolve_device_type
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-
-def resolve_device_type(device_type: str) -> str:
-    if device_type == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device-type cuda was asked for but no CUDA device is visible; pass --device-type cpu")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device-type mps was asked for but MPS is not available; pass --device-type cpu")
-    return device_type
 
 
 def init(device_type: str = "auto") -> Runtime:

@@ -1,9 +1,21 @@
-"""Where artifacts live: `NANOCHAT_BASE_DIR` (a path or an fsspec URL), default ~/.cache/nanochat."""
+"""Where artifacts live: `NANOCHAT_BASE_DIR` (a path or an fsspec URL), default ~/.cache/nanochat.
+
+The one place a default artifact path is spelled. Inside a pipeline run a stage reads its inputs from
+the refs the flow hands it and only uses `output_dir` for where it writes; the defaults for the inputs
+of a stage run alone on the command line (`nanochat base-train`) are the outputs of the stages upstream
+(nanochat_core.stage_args).
+
+    output_dir("base_train", cfg, depth=20)   # <base>/base_checkpoints/d20, or base_train.out if set
+    checkpoint_dir("sft", 20)                 # <base>/chatsft_checkpoints/d20
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from nanochat_core.registry import STAGES, family_dir
 
 BASE_DIR_ENV = "NANOCHAT_BASE_DIR"
 
@@ -17,3 +29,30 @@ def base_dir() -> str:
 def join(root: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with '/' (fsspec's separator everywhere)."""
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def output_dir(stage: str, cfg: Any, depth: int | None = None, source: str | None = None) -> str:
+    """Where `stage` writes: its config's `out` when set, else its registry default under the base dir.
+
+    `depth` (checkpoint families, base_eval) and `source` (chat_eval) fill the default's placeholders.
+    """
+    section = getattr(cfg, STAGES[stage].section, None)
+    explicit = getattr(section, "out", None)
+    if explicit:
+        return explicit
+    return join(base_dir(), STAGES[stage].out.format(depth=depth, source=source))
+
+
+def checkpoint_dir(family: str, depth: int, root: str | None = None) -> str:
+    """The default checkpoint directory of a family (base/mid/sft/rl) at a depth."""
+    return join(root or base_dir(), family_dir(family), f"d{depth}")
+
+
+def family_root(family: str, root: str | None = None) -> str:
+    """The directory holding a family's d<depth> checkpoint directories."""
+    return join(root or base_dir(), family_dir(family))
+
+
+def tokenizer_dir(root: str | None = None) -> str:
+    """Where tok_train writes the tokenizer by default (tok_train has no `out` setting)."""
+    return join(root or base_dir(), STAGES["tok_train"].out)

@@ -1,66 +1,40 @@
-"""What midtraining, SFT and RL share: where checkpoints live, loading the starting model, the task
-mixture, batching conversations, the optimizer pair, and writing checkpoints like base_train does.
+"""What midtraining, SFT and RL share: loading the starting model, the task mixture, batching
+conversations, the optimizer pair, and writing checkpoints like base_train does.
 
-    model, tokenizer, meta = load_start(source_dir, step, device)
+    model, tokenizer, meta = load_start("mid_train", inputs["model"]["path"], step, device)
     opt = make_optimizers(model, cfg)                   # Muon + AdamW, lrs × init_lr_frac
     save(ckpt_dir, step, rt, model, opt, meta)          # model_/meta_/optim_ files, meta last
 
-Stage outputs: <base>/mid_checkpoints/d<depth>, chatsft_checkpoints/d<depth>, chatrl_checkpoints/d<depth>
-(nanochat's names), each readable by `checkpoint.load_model` because the meta carries the model config
-and the tokenizer directory.
+Stage outputs (paths.output_dir): <base>/mid_checkpoints/d<depth>, chatsft_checkpoints/d<depth>,
+chatrl_checkpoints/d<depth> (nanochat's names), at the depth of the model they start from; each is
+readable by `checkpoint.load_model` because the meta carries the model config and the tokenizer directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
 import torch
 
 from nanochat_core import artifacts, dist, storage
-from nanochat_core.checkpoint import base_checkpoint_dir, latest_step, load_model, move_aside, save_checkpoint
+from nanochat_core.checkpoint import latest_step, load_model, move_aside, save_checkpoint
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import join
+from nanochat_core.registry import FAMILIES, STAGES
 
-CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-                   "rl": "chatrl_checkpoints"}
-# Which stage's checkpoints each stage starts from.
-PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}
-
-
-def checkpoint_dir(kind: str, cfg: PipelineConfig) -> str:
-    """Default checkpoint directory of a stage kind (base/mid/sft/rl) for this config's depth."""
-    if kind == "base":
-        return cfg.base_train.out or base_checkpoint_dir(cfg.base_train.depth)
-    explicit = {"mid": cfg.mid_train.out, "sft": cfg.chat_sft.out, "rl": cfg.chat_rl.out}[kind]
-    return explicit or join(base_dir(), CHECKPOINT_DIRS[kind], f"d{cfg.base_train.depth}")
-
-
-def source_dir(kind: str, cfg: PipelineConfig, explicit: str | None) -> str:
-    """Where stage `kind` starts: the explicit --source, else the previous stage's checkpoints."""
-    return explicit or checkpoint_dir(PREVIOUS[kind], cfg)
-
-
-def load_start(source: str, step: int | None, device, stage: str):
-    """(model in train mode, tokenizer, meta) from the checkpoint a post-training stage starts from."""
+def load_start(stage: str, source: str, step: int | None, device):
+    """(model in eval mode, tokenizer, meta) from the checkpoint directory `stage` starts from."""
     if latest_step(source) is None:
-        before = {"mid-train": "base-train", "sft": "mid-train", "rl": "sft", "chat-eval": "the training stage"}[stage]
-        raise UserError(f"no complete checkpoint in {source}; run `nanochat {before}` first or pass --source")
+        family = STAGES[stage].starts_from
+        before = f"`nanochat {FAMILIES[family].command}`" if family else "the stage that trains it"
+        raise UserError(f"no complete checkpoint in {source}; run {before} first or pass --model")
     model, tokenizer, meta = load_model(source, step, device)
     if tokenizer is None:
         raise UserError(f"the tokenizer this checkpoint was trained with ({meta.get('tokenizer_dir')}) is gone; "
                         "run `nanochat tok-train` again or restore that directory")
     return model, tokenizer, meta
-
-
-def autocast_for(dtype: str, device: torch.device):
-    """A context-manager factory: bf16 autocast where base_train would use it, else nothing."""
-    from nanochat_core.stages.base_train import autocast_dtype
-
-    amp = autocast_dtype(dtype, device)
-    return (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
 
 def make_optimizers(model, sc):

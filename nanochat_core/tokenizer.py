@@ -103,7 +103,7 @@ class Tokenizer:
     def load(cls, dir_url: str) -> "Tokenizer":
         url = join(dir_url, PICKLE_FILE)
         if not storage.exists(url):
-            raise UserError(f"no trained tokenizer in {dir_url}; run `nanochat tok-train` first")
+            raise UserError(f"no trained tokenizer in {dir_url}; run `nanochat tok-train` first or pass --tokenizer")
         try:
             enc = pickle.loads(storage.read_bytes(url))
         except Exception as e:  # truncated or foreign pickle: say which file and how to fix it

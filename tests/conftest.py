@@ -50,3 +50,10 @@ def first_run(tmp_path_factory):
     out, table = speedrun(base)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return base, out, table
+
+
+def run_alone(module, cfg, **kwargs):
+    """Run a stage module in-process as its command runs it alone: its inputs from the default paths."""
+    from nanochat_core.stage_args import resolve
+
+    return module.run(cfg, resolve(module.__name__.rsplit(".", 1)[-1], cfg), **kwargs)

@@ -10,9 +10,11 @@ import torch
 
 from nanochat_core import checkpoint
 from nanochat_core.errors import UserError
+from nanochat_core.model.samples import SAMPLE_PROMPTS
 from nanochat_core.presets import tiny
 from nanochat_core.stages import base_eval, base_train
 from pretrain_data import make_pretraining_inputs
+from conftest import run_alone
 
 STEP_LINE = re.compile(
     r"^step (\d{5})/(\d{5}) \| loss (\d+\.\d{4}) \| lrm (\d\.\d\d) \| dt (\d+)ms \| tok/s (\d+) \| "
@@ -45,7 +47,7 @@ def metrics(path) -> list[dict]:
 
 
 def test_trains_logs_and_keeps_the_last_checkpoints(base, capsys):
-    result = base_train.run(config(base, save_every=2, keep_last=2))
+    result = run_alone(base_train, config(base, save_every=2, keep_last=2))
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if STEP_LINE.match(line)]
     assert [int(STEP_LINE.match(line).group(1)) for line in lines] == list(range(1, 9))
@@ -65,7 +67,7 @@ def test_trains_logs_and_keeps_the_last_checkpoints(base, capsys):
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(base, capsys):
     cfg = config(base)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     straight = metrics(base / "ckpt" / "metrics.jsonl")
     final = checkpoint.load_model_state(str(base / "ckpt"), 8)
     # A crash after step 4's checkpoint: step 8's files never existed, and the log ran ahead to step 6.
@@ -74,7 +76,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, capsys):
             os.remove(base / "ckpt" / name)
     with open(base / "ckpt" / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in straight if r["step"] <= 6)
-    base_train.run(cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
+    run_alone(base_train, cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
     assert "resumed from" in capsys.readouterr().out
     resumed = metrics(base / "ckpt" / "metrics.jsonl")
     key = lambda rs: [(r["step"], r.get("train/loss"), r.get("train/grad_norm"), r.get("val/bpb")) for r in rs]
@@ -85,19 +87,19 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, capsys):
 
 def test_resuming_a_finished_run_prints_its_last_line(base, capsys):
     cfg = config(base, num_iterations=4, eval_every=-1)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     last = [line for line in capsys.readouterr().out.splitlines() if STEP_LINE.match(line)][-1]
     files = sorted(os.listdir(base / "ckpt"))
-    result = base_train.run(cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
+    result = run_alone(base_train, cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
     assert last in capsys.readouterr().out.splitlines()
     assert result["step"] == 4 and sorted(os.listdir(base / "ckpt")) == files
 
 
 def test_a_fresh_run_moves_old_checkpoints_aside(base, capsys):
     cfg = config(base, num_iterations=2, eval_every=-1)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     old = checkpoint.load_model_state(str(base / "ckpt"), 2)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     out = capsys.readouterr().out
     aside = [p for p in base.iterdir() if p.name.startswith("ckpt.")]
     assert len(aside) == 1 and f"moved them to {aside[0]}" in out
@@ -117,29 +119,29 @@ def test_cli_errors_are_one_sentence(base, capsys):
 def test_missing_shards_is_a_user_error(base):
     shutil.rmtree(base / "base_data")
     with pytest.raises(UserError, match="base_data"):
-        base_train.run(config(base))
+        run_alone(base_train, config(base))
 
 
 def test_resume_with_another_depth_or_vocab_is_refused(base):
     cfg = config(base, num_iterations=2, eval_every=-1)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     deeper = cfg.base_train.model_copy(update={"depth": 3, "resume": True})
     with pytest.raises(UserError, match="different model"):
-        base_train.run(cfg.model_copy(update={"base_train": deeper}))
+        run_alone(base_train, cfg.model_copy(update={"base_train": deeper}))
     make_pretraining_inputs(str(base), vocab_size=600)  # a retrained tokenizer
     same_depth = cfg.base_train.model_copy(update={"resume": True})
     with pytest.raises(UserError, match="vocab 512"):
-        base_train.run(cfg.model_copy(update={"base_train": same_depth}))
+        run_alone(base_train, cfg.model_copy(update={"base_train": same_depth}))
     assert checkpoint.complete_steps(str(base / "ckpt")) == [2]
 
 
 def test_a_corrupt_checkpoint_is_named_and_left_alone(base):
     cfg = config(base, num_iterations=4, save_every=2, eval_every=-1)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     model_file = base / "ckpt" / "model_000004.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     with pytest.raises(UserError, match="model_000004.pt is corrupt"):
-        base_train.run(cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
+        run_alone(base_train, cfg.model_copy(update={"base_train": cfg.base_train.model_copy(update={"resume": True})}))
     with pytest.raises(UserError, match="corrupt"):
         checkpoint.load_model(str(base / "ckpt"))
     model, _, meta = checkpoint.load_model(str(base / "ckpt"), step=2)  # the earlier one still loads
@@ -150,7 +152,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(base):
     cfg = config(base, num_iterations=6, save_every=1, eval_every=-1, grad_clip=0.0,
                  matrix_lr=1e30, embedding_lr=1e30, unembedding_lr=1e30)
     with pytest.raises(UserError, match="loss became nan") as exc:
-        base_train.run(cfg)
+        run_alone(base_train, cfg)
     steps = checkpoint.complete_steps(str(base / "ckpt"))
     assert steps and f"checkpoint step {steps[-1]} is intact" in str(exc.value)
     checkpoint.load_model(str(base / "ckpt"))  # loads without error
@@ -158,10 +160,10 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(base):
 
 def test_load_model_and_base_eval(base, capsys):
     cfg = config(base, num_iterations=4, eval_every=-1)
-    base_train.run(cfg)
+    run_alone(base_train, cfg)
     model, tokenizer, meta = checkpoint.load_model(str(base / "ckpt"))
     assert meta["step"] == 4 and tokenizer is not None and not model.training
-    result = base_eval.run(cfg.model_copy(update={"base_eval": cfg.base_eval.model_copy(update={"source": str(base / "ckpt")})}))
+    result = run_alone(base_eval, cfg)  # its model input defaults to where base_train wrote (base_train.out)
     assert result["step"] == 4 and 0 < result["train_bpb"] < 10 and 0 < result["val_bpb"] < 10
-    assert len(result["samples"]) == len(base_train.SAMPLE_PROMPTS)
+    assert len(result["samples"]) == len(SAMPLE_PROMPTS)
     assert json.loads(open(os.path.join(result["path"], "result.json")).read()) == result

@@ -23,6 +23,7 @@ from nanochat_core.stages import chat_eval, chat_rl, chat_sft, mid_train, report
 from nanochat_core.tasks.chat import Identity
 from nanochat_core.tasks.math import SyntheticMath
 from nanochat_core.tokenizer import Tokenizer
+from conftest import run_alone
 
 SUMMARY_KEYS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 
@@ -59,7 +60,7 @@ def test_mid_sft_rl_chat_eval_in_process(_isolated_base_dir):
     cfg = small_config()
     refs = {}
     for module, stage in ((mid_train, "mid_train"), (chat_sft, "chat_sft"), (chat_rl, "chat_rl")):
-        ref = module.run(cfg)
+        ref = run_alone(module, cfg)
         refs[stage] = ref
         assert ref["stage"] == stage and ref["step"] > 0 and ref["manifest"]
         saved = json.loads(open(join(ref["path"], "result.json")).read())
@@ -75,7 +76,7 @@ def test_mid_sft_rl_chat_eval_in_process(_isolated_base_dir):
 
     for source in ("mid", "rl"):
         ev_cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": source})})
-        ref = chat_eval.run(ev_cfg)
+        ref = run_alone(chat_eval, ev_cfg)
         refs[ref["stage"]] = ref
         assert ref["stage"] == f"{source}_eval" and ref["model_source"] == source
         for key in SUMMARY_KEYS:
@@ -88,7 +89,7 @@ def test_mid_sft_rl_chat_eval_in_process(_isolated_base_dir):
     assert mid_column != ["-"]
 
     # A second run never overwrites the first one's checkpoints: they are moved aside.
-    again = mid_train.run(cfg)
+    again = run_alone(mid_train, cfg)
     siblings = os.listdir(os.path.dirname(again["path"]))
     assert any(name.startswith("d2.") for name in siblings)
 
@@ -96,14 +97,14 @@ def test_mid_sft_rl_chat_eval_in_process(_isolated_base_dir):
 def test_stage_errors_are_one_sentence(_isolated_base_dir):
     cfg = small_config()
     with pytest.raises(UserError, match="no complete checkpoint.*run `nanochat base-train` first"):
-        mid_train.run(cfg)
+        run_alone(mid_train, cfg)
     make_base(str(_isolated_base_dir))
     bad = cfg.model_copy(update={"mid_train": cfg.mid_train.model_copy(update={"total_batch_size": 500})})
     with pytest.raises(UserError, match="is not a multiple of"):
-        mid_train.run(bad)
+        run_alone(mid_train, bad)
     bad = cfg.model_copy(update={"mid_train": cfg.mid_train.model_copy(update={"tasks": ["nonsense"]})})
     with pytest.raises(UserError, match="unknown task"):
-        mid_train.run(bad)
+        run_alone(mid_train, bad)
 
 
 def test_sft_batch_masks_prompt_tool_output_and_padding():

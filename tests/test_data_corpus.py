@@ -18,6 +18,7 @@ from nanochat_core.data.packages import fetch
 from nanochat_core.data.shards import ROW_GROUP_DOCS, list_shards
 from nanochat_core.data.sources import SOURCES, sources_for
 from nanochat_core.errors import UserError
+from nanochat_core.paths import output_dir
 
 SMALL = [s for s in SOURCES if s.name in ("devils-dictionary", "jargon", "fortunes")]
 
@@ -106,8 +107,8 @@ def test_tiny_preset_builds_the_corpus_and_downloads_from_it(capsys):
     manifest = json.loads(open(os.path.join(base_dir(), "sample_corpus", "manifest.json")).read())
     assert manifest["total_chars"] > 30e6 and manifest["num_shards"] >= 6
     download_stage.main(["--preset", "tiny"])
-    shards = list_shards(download_stage.data_dir())
+    shards = list_shards(output_dir("download", None))
     assert len(shards.train) == 4 and shards.val.endswith(manifest["val_shard"])
-    downloaded = json.loads(open(os.path.join(download_stage.data_dir(), "manifest.json")).read())
+    downloaded = json.loads(open(os.path.join(output_dir("download", None), "manifest.json")).read())
     corpus_sha = {s["index"]: s["sha256"] for s in manifest["shards"]}
     assert all(e["sha256"] == corpus_sha[e["index"]] for e in downloaded["shards"])

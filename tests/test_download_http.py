@@ -16,7 +16,8 @@ import pytest
 from nanochat_core import storage
 from nanochat_core.data.shards import list_shards, shard_name, write_shards
 from nanochat_core.stages import download as download_stage
-from test_download_fixtures import ShardServer
+from download_fixtures import ShardServer
+from nanochat_core.paths import output_dir
 
 
 def make_docs(n: int, seed: int) -> list[str]:
@@ -40,7 +41,7 @@ def served(tmp_path):
 
 
 def data_dir() -> str:
-    return download_stage.data_dir()
+    return output_dir("download", None)
 
 
 def result() -> dict:

@@ -13,7 +13,9 @@ from nanochat_core import storage
 from nanochat_core.data.shards import Position, iter_row_groups, list_shards, shard_name, write_shards
 from nanochat_core.errors import UserError
 from nanochat_core.stages import download as download_stage
-from test_download_fixtures import FaultProxy, start_moto
+from download_fixtures import FaultProxy, start_moto
+from nanochat_core.stage_args import parse
+from nanochat_core.paths import output_dir
 
 BUCKET = "shards"
 
@@ -60,7 +62,7 @@ def s3(moto_port, monkeypatch):
 
 def run_download(*argv: str) -> dict:
     download_stage.main([*argv])
-    return json.loads(open(os.path.join(download_stage.data_dir(), "result.json")).read())
+    return json.loads(open(os.path.join(output_dir("download", None), "result.json")).read())
 
 
 TEMPLATE = f"s3://{BUCKET}/corpus/shard_{{index:05d}}.parquet"
@@ -94,15 +96,15 @@ def test_download_from_s3_fetches_and_verifies(s3):
     val_index = len(s3["urls"]) - 1
     assert result["val_index"] == val_index  # found by listing the bucket
     assert (result["fetched"], result["skipped"]) == (4, 0)
-    shards = list_shards(download_stage.data_dir())
+    shards = list_shards(output_dir("download", None))
     assert [os.path.basename(u) for u in shards.train] == [shard_name(i) for i in range(3)]
     assert os.path.basename(shards.val) == shard_name(val_index)
     for index in [0, 1, 2, val_index]:
-        local = os.path.join(download_stage.data_dir(), shard_name(index))
+        local = os.path.join(output_dir("download", None), shard_name(index))
         assert storage.sha256(local) == storage.sha256(s3["urls"][index])
         assert pq.read_table(local).column("text").to_pylist() == pq.read_table(
             s3["fs"].open(s3["urls"][index])).column("text").to_pylist()
-    manifest = json.loads(open(os.path.join(download_stage.data_dir(), "manifest.json")).read())
+    manifest = json.loads(open(os.path.join(output_dir("download", None), "manifest.json")).read())
     assert [e["index"] for e in manifest["shards"]] == [0, 1, 2, val_index]
     assert [e["split"] for e in manifest["shards"]] == ["train"] * 3 + ["val"]
     assert all(e["rows"] > 0 and e["bytes"] > 0 and len(e["sha256"]) == 64 for e in manifest["shards"])
@@ -123,7 +125,7 @@ def test_server_errors_are_retried(s3, monkeypatch):
         assert proxy.failures == 8
         assert result["fetched"] == 4
         for index in (1, 2):
-            local = os.path.join(download_stage.data_dir(), shard_name(index))
+            local = os.path.join(output_dir("download", None), shard_name(index))
             assert storage.sha256(local) == storage.sha256(s3["urls"][index])
     finally:
         proxy.close()
@@ -144,14 +146,14 @@ def test_persistent_server_errors_give_one_clear_error(s3, monkeypatch, capsys):
         assert err.startswith("error: fetching s3://shards/corpus/shard_00000.parquet failed after 2 attempts")
         assert "Traceback" not in err
         # Nothing half-fetched poses as shard 0.
-        assert not os.path.exists(os.path.join(download_stage.data_dir(), shard_name(0)))
+        assert not os.path.exists(os.path.join(output_dir("download", None), shard_name(0)))
     finally:
         proxy.close()
 
 
 def test_truncated_shard_is_refetched(s3):
     run_download("-n", "2", "--source", TEMPLATE)
-    local = os.path.join(download_stage.data_dir(), shard_name(1))
+    local = os.path.join(output_dir("download", None), shard_name(1))
     good = storage.sha256(local)
     with open(local, "r+b") as f:
         f.truncate(os.path.getsize(local) // 2)
@@ -162,8 +164,8 @@ def test_truncated_shard_is_refetched(s3):
 
 def test_shard_corrupted_without_manifest_is_refetched(s3):
     run_download("-n", "2", "--source", TEMPLATE)
-    os.remove(os.path.join(download_stage.data_dir(), "manifest.json"))
-    local = os.path.join(download_stage.data_dir(), shard_name(0))
+    os.remove(os.path.join(output_dir("download", None), "manifest.json"))
+    local = os.path.join(output_dir("download", None), shard_name(0))
     good = storage.sha256(local)
     with open(local, "r+b") as f:  # same size, different bytes: only the ETag (MD5) can tell
         f.seek(10)
@@ -183,12 +185,8 @@ def test_missing_bucket_is_one_clear_error(s3, capsys):
 
 def test_missing_object_is_one_clear_error(s3):
     with pytest.raises(UserError, match=r"s3://shards/corpus/shard_00500\.parquet does not exist"):
-        cfg = download_stage.config_from_args(
-            download_stage.stage_parser("t", "", {"download": None}).parse_args(
-                ["--num-shards", "1", "--source", TEMPLATE, "--val-index", "500"]
-            )
-        )
-        download_stage.run(cfg, progress=False)
+        cfg, inputs = parse("download", ["--num-shards", "1", "--source", TEMPLATE, "--val-index", "500"])
+        download_stage.run(cfg, inputs, progress=False)
 
 
 def test_download_into_an_s3_base_dir(s3, monkeypatch):
@@ -207,4 +205,4 @@ def test_download_into_an_s3_base_dir(s3, monkeypatch):
 
 def run_download_remote(*argv: str) -> dict:
     download_stage.main([*argv])
-    return json.loads(storage.read_text(download_stage.data_dir() + "/result.json"))
+    return json.loads(storage.read_text(output_dir("download", None) + "/result.json"))

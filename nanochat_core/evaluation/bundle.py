@@ -321,13 +321,3 @@ def unpack_bundle_zip(archive: Path, url: str) -> dict[str, bytes]:
     except zipfile.BadZipFile:
         raise UserError(f"{url} did not return a zip file; check --url or build with --source packages") from None
 
-
-def default_bundle_dir(base: str) -> str:
-    return join(base, "eval_bundle")
-
-
-def resolve_bundle_dir(cfg) -> str:
-    """The bundle CORE reads for a PipelineConfig: --bundle, else where eval_bundle wrote it."""
-    from nanochat_core.paths import base_dir
-
-    return cfg.core.bundle or cfg.eval_bundle.out or default_bundle_dir(base_dir())

@@ -15,11 +15,11 @@ import torch
 from nanochat_core import storage
 from nanochat_core.config import InferenceConfig
 from nanochat_core.errors import UserError
-from nanochat_core.paths import base_dir, join
+from nanochat_core.hardware import serving_devices, serving_dtype
+from nanochat_core.paths import base_dir, family_root, join, tokenizer_dir
+from nanochat_core.registry import FAMILIES
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-               "rl": "chatrl_checkpoints"}
-AUTO_ORDER = ("rl", "sft", "mid", "base")  # the most post-trained model first: it is the one meant for chat
+AUTO_ORDER = tuple(reversed(FAMILIES))  # rl, sft, mid, base: the most post-trained model is the one meant for chat
 
 
 @dataclass
@@ -74,7 +74,7 @@ def checkpoint_dir(cfg: InferenceConfig, root: str | None = None) -> tuple[str, 
     root = root or base_dir()
     families = AUTO_ORDER if cfg.source == "auto" else (cfg.source,)
     for family in families:
-        depths = _depth_dirs(join(root, SOURCE_DIRS[family]))
+        depths = _depth_dirs(family_root(family, root))
         if not depths:
             continue
         if cfg.depth is not None:
@@ -86,27 +86,9 @@ def checkpoint_dir(cfg: InferenceConfig, root: str | None = None) -> tuple[str, 
             return depths[cfg.depth], f"{family} d{cfg.depth}"
         depth = max(depths)  # like nanochat: the largest model present
         return depths[depth], f"{family} d{depth}"
-    where = join(root, SOURCE_DIRS[families[0]]) if len(families) == 1 else root
+    where = family_root(families[0], root) if len(families) == 1 else root
     raise UserError(f"no checkpoints for --source {cfg.source} in {where}; train one first "
                     "(`nanochat speedrun --preset tiny`) or pass --checkpoint")
-
-
-def devices(device_type: str) -> list[torch.device]:
-    if device_type == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device-type cuda but no CUDA device is visible; use --device-type cpu")
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device-type mps but MPS is not available here; use --device-type cpu")
-    return [torch.device(device_type)]
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def load_replicas(cfg: InferenceConfig, workers_per_device: int = 1, root: str | None = None) -> list[Replica]:
@@ -116,12 +98,12 @@ def load_replicas(cfg: InferenceConfig, workers_per_device: int = 1, root: str |
 
     ckpt, label = checkpoint_dir(cfg, root)
     replicas: list[Replica] = []
-    for device in devices(cfg.device_type):
+    for device in serving_devices(cfg.device_type):
         for _ in range(workers_per_device):
             model, tokenizer, meta = load_model(ckpt, step=cfg.step, device=device)
             if tokenizer is None:  # the run's tokenizer moved: fall back to the base dir's
-                tokenizer = Tokenizer.load(join(root or base_dir(), "tokenizer"))
-            model.to(_dtype(cfg.dtype, device))
+                tokenizer = Tokenizer.load(tokenizer_dir(root))
+            model.to(serving_dtype(cfg.dtype, device))
             meta = {**meta, "checkpoint": ckpt, "label": label}
             replicas.append(Replica(model, tokenizer, device, len(replicas), meta))
     return replicas

@@ -5,122 +5,57 @@
     nanochat base-train --preset d4-cpu --resume            # continue from the latest checkpoint
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_train --config cfg.json
 
-Reads `<base>/tokenizer/` and `<base>/base_data/`; writes checkpoints, `metrics.jsonl` and
-`result.json` to `<base>/base_checkpoints/d<depth>/`. Everything the run needs is derived from the
+Reads its `tokenizer` and `shards` inputs (exactly the shards that ref lists; run by hand, by default
+`<base>/tokenizer/` and `<base>/base_data/`, or --tokenizer / --shards); writes checkpoints,
+`metrics.jsonl` and `result.json` to `<base>/base_checkpoints/d<depth>/` (or --out). Everything the run needs is derived from the
 plan (nanochat_core.plan): model dims from the depth, grad accumulation from the batch sizes,
 the horizon from num_iterations > target_flops > target_param_data_ratio.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
 import torch
 
-from nanochat_core import artifacts, dist, storage
+from nanochat_core import artifacts, dist, hardware
 from nanochat_core.checkpoint import (
-    base_checkpoint_dir, latest_step, load_model_state, load_rank_state, move_aside, read_meta, save_checkpoint,
+    latest_step, load_model_state, load_rank_state, move_aside, read_meta, save_checkpoint,
 )
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.hardware import DEVICES, get_device
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import join, output_dir
 from nanochat_core.plan import make_plan
+from nanochat_core.stage_args import parse
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-]
 EMA_BETA = 0.9  # smoothing of the logged loss_ema (debiased like Adam's moments)
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-
-def load_tokenizer(tok_dir: str):
-    if not storage.exists(join(tok_dir, "tokenizer.pkl")):
-        raise UserError(f"no trained tokenizer in {tok_dir}; run `nanochat tok-train` first or pass --tokenizer-dir")
-    from nanochat_core.tokenizer import Tokenizer
-
-    return Tokenizer.load(tok_dir)
-
-
-def load_token_bytes(tok_dir: str, device) -> torch.Tensor:
-    from nanochat_core.tokenizer import load_token_bytes as load
-
-    return load(tok_dir, device=device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512-BF16 or AMX: the CPU computes bf16 matmuls natively (Linux: from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype under autocast; None means plain fp32.
-
-    auto: bf16 on CUDA devices that support it and on CPUs with native bf16 matmuls. On this
-    project's 2-core AVX-512-BF16 machine (no AMX), one `bench/pretrain.py` run: a d4-cpu step (B=8,
-    interleaved) ran 5,586 tok/s in fp32, 6,792 in bf16 and 14,669 in bf16 with torch.compile, and
-    100 steps ended at the same loss (4.270 vs 4.276) and val bpb (2.2288 vs 2.2279) as fp32;
-    elsewhere on CPU (and on MPS), fp32.
-    """
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def peak_flops(device: torch.device, fallback: str) -> float:
-    """bf16 peak of this device from the hardware table (by CUDA name), else the plan's --gpu."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key in sorted(DEVICES, key=len, reverse=True):
-            if key != "cpu" and key.replace("-", " ") in name:
-                return DEVICES[key].peak_flops
-    if device.type == "cpu":
-        return DEVICES["cpu"].peak_flops
-    return get_device(fallback).peak_flops
 
 
 # --- the run ----------------------------------------------------------------------------------
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     """Train (or resume) and return {"path": checkpoint dir, "step", "val_bpb", ...}."""
     with dist.session(cfg.base_train.device_type) as rt:
-        return train(cfg, rt)
+        return train(cfg, inputs, rt)
 
 
-def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     from nanochat_core.data.loader import shard_loader, val_files
-    from nanochat_core.data.shards import list_shards
+    from nanochat_core.data.shards import shards_of
+    from nanochat_core.model.samples import greedy_samples
+    from nanochat_core.tokenizer import Tokenizer, load_token_bytes
     from nanochat_core.model.bpb import evaluate_bpb
     from nanochat_core.model.gpt import GPTConfig, build_model
     from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 
     tc = cfg.base_train
     say = dist.Console(rt.master)
-    tok_dir = tc.tokenizer_dir or join(base_dir(), "tokenizer")
-    data_dir = tc.data_dir or join(base_dir(), "base_data")
-    ckpt_dir = tc.out or base_checkpoint_dir(tc.depth)
-    tokenizer = load_tokenizer(tok_dir)
-    shards = list_shards(data_dir)
+    tok_dir, data_dir = inputs["tokenizer"]["path"], inputs["shards"]["path"]
+    ckpt_dir = output_dir("base_train", cfg, depth=tc.depth)
+    tokenizer = Tokenizer.load(tok_dir)
+    shards = shards_of(inputs["shards"])
 
     # The plan sees the world torchrun actually gave us, whatever the config said.
     if tc.world_size != rt.world:
@@ -128,8 +63,8 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
     plan = make_plan(tc.model_copy(update={"nproc_per_node": rt.world, "nnodes": 1}),
                      tokenizer.vocab_size, len(shards.train), cfg.plan)
     N, B, T, accum = plan.num_iterations, tc.device_batch_size, tc.max_seq_len, plan.grad_accum_steps
-    amp = autocast_dtype(tc.dtype, rt.device)
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=amp)) if amp else contextlib.nullcontext
+    amp = hardware.training_dtype(tc.dtype, rt.device)
+    autocast = hardware.autocast(tc.dtype, rt.device)
 
     torch.manual_seed(tc.seed)
     model_cfg = GPTConfig.from_depth(tc.depth, tokenizer.vocab_size, T, tc.aspect_ratio, tc.head_dim, tc.kv_head_ratio)
@@ -183,7 +118,7 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
     token_bytes = load_token_bytes(tok_dir, rt.device)
     eval_steps = max(1, tc.eval_tokens // (B * T * rt.world))
     flops_per_step = plan.flops_per_token * tc.total_batch_size
-    peak = peak_flops(rt.device, cfg.plan.gpu) * rt.world
+    peak = hardware.peak_flops(rt.device, cfg.plan.gpu) * rt.world
 
     def evaluate(at_step: int) -> None:
         model.eval()
@@ -200,11 +135,8 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
         if not rt.master:
             return
         model.eval()
-        with autocast():
-            for prompt in SAMPLE_PROMPTS:
-                ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-                out = list(model.generate(ids, max_tokens=16, temperature=0.0))
-                say(f"sample: {tokenizer.decode(ids[1:] + out)!r}")
+        for text in greedy_samples(model, tokenizer, 16, autocast):
+            say(f"sample: {text!r}")
         model.train()
 
     def checkpoint(at_step: int, loader_snapshot: dict) -> None:
@@ -213,6 +145,7 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
             "preset": cfg.preset, "plan": plan.to_dict(), "world_size": rt.world, "device_batch_size": B,
             "total_batch_size": tc.total_batch_size, "max_seq_len": T, "loader_position": loader_snapshot["position"],
             "loop": loop, "val_bpb": loop["val_bpb"], "tokenizer_dir": tok_dir, "data_dir": data_dir,
+            "shards": [url.rsplit("/", 1)[-1] for url in [*shards.train, shards.val]],
         }
         rank_state = {"optim": opt.state_dict(), "loader": loader_snapshot, "rng": torch.get_rng_state()}
         save_checkpoint(ckpt_dir, at_step, rt.rank, model.state_dict() if rt.master else None, rank_state,
@@ -306,13 +239,8 @@ def _result(ckpt_dir: str, step: int, N: int, loop: dict, plan, master: bool) ->
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat base-train",
-        "Pretrain the base model on the tokenized shards (torchrun for several processes).",
-        {"base_train": None, "plan": ["gpu"]},
-    )
-    cfg = config_from_args(parser.parse_args(argv))
-    artifacts.emit(run(cfg))
+    cfg, inputs = parse("base_train", argv)
+    artifacts.emit(run(cfg, inputs))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ to the choices' letters, argmax. Generative (GSM8K, HumanEval, SpellingBee): gre
 calculator tool on, then the task's own check (`#### N`, unit tests in the sandbox). Problems are
 striped over ranks and the counts summed. ChatCORE = mean over the tasks of (acc − baseline) /
 (1 − baseline), baselines 0.25 for the letter tasks and 0 for the generative ones (nanochat's).
+Scores its `model` input (run by hand: the latest checkpoints of the --model-source family, or --model).
 The ref is stage `<model_source>_eval` (mid_eval / sft_eval / rl_eval: the report's MID / SFT / RL
 columns) and is written to `<base>/chat_eval/<model_source>/result.json`.
 """
@@ -20,12 +21,14 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist, storage
+from nanochat_core import artifacts, dist, hardware, storage
 from nanochat_core.chat_format import render_for_completion
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import exit_on_user_error
-from nanochat_core.paths import base_dir, join
-from nanochat_core.post_train import autocast_for, checkpoint_dir, load_start
+from nanochat_core.paths import join, output_dir
+from nanochat_core.post_train import load_start
+from nanochat_core.registry import eval_ref_name
+from nanochat_core.stage_args import parse
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 SPELLING_BEE_SIZE = 256  # test-word questions when --max-problems is -1
@@ -93,23 +96,23 @@ def chatcore(accuracies: dict[str, float]) -> float:
     return sum(centered) / len(centered)
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     with dist.session(cfg.chat_eval.device_type) as rt:
-        return evaluate(cfg, rt)
+        return evaluate(cfg, inputs, rt)
 
 
-def evaluate(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     from nanochat_core.engine import Engine
 
     ec = cfg.chat_eval
     started = time.time()
     say = dist.Console(rt.master)
-    src = ec.source or checkpoint_dir(ec.model_source, cfg)
-    out = ec.out or join(base_dir(), "chat_eval", ec.model_source)
-    model, tokenizer, meta = load_start(src, ec.step, rt.device, "chat-eval")
+    src = inputs["model"]["path"]
+    out = output_dir("chat_eval", cfg, source=ec.model_source)
+    model, tokenizer, meta = load_start("chat_eval", src, ec.step, rt.device)
     model.eval()
     engine = Engine(model, tokenizer)
-    autocast = autocast_for(ec.dtype, rt.device)
+    autocast = hardware.autocast(ec.dtype, rt.device)
     accuracies, counts, seconds, samples = {}, {}, {}, []
     for name in ec.tasks:
         t0 = time.time()
@@ -134,15 +137,13 @@ def evaluate(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
         return {"path": out, **figures}
     storage.makedirs(out)
     storage.write_text(join(out, "samples.json"), json.dumps(samples, indent=2))
-    return artifacts.make_ref(f"{ec.model_source}_eval", out, figures)
+    return artifacts.make_ref(eval_ref_name(ec.model_source), out, figures)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("nanochat chat-eval", "Score a chat model on ARC, MMLU, GSM8K, HumanEval and SpellingBee.",
-                          {"chat_eval": None})
-    cfg = config_from_args(parser.parse_args(argv))
-    artifacts.emit(run(cfg))
+    cfg, inputs = parse("chat_eval", argv)
+    artifacts.emit(run(cfg, inputs))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ clipping: the run stays on-policy); the loss is −Σ advantage · log p(token) 
 `init_lr_frac` (0.05) of SFT's and decays linearly to 0. pass@k on GSM8K test (evaluation only) is
 logged every `eval_every` steps and at the end. Offline the training problems are our generated ones
 (`math:N`); with internet, `gsm8k-train` is GSM8K's train split as in nanochat.
-Starts from `<base>/chatsft_checkpoints/d<depth>`; writes `<base>/chatrl_checkpoints/d<depth>/`.
+Starts from its `model` input (run by hand: `<base>/chatsft_checkpoints/d<depth>`, or --model); writes
+`<base>/chatrl_checkpoints/d<depth>/`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist
+from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_for_completion
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import join
+from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import (
-    autocast_for, base_meta, build_mixture, checkpoint_dir, fresh_output, load_start, make_optimizers, save,
-    source_dir,
+    base_meta, build_mixture, fresh_output, load_start, make_optimizers, save,
 )
+from nanochat_core.stage_args import parse
 
 
 def task_of(mixture, index: int):
@@ -81,21 +82,21 @@ def pass_at_k(engine, tokenizer, rc, rt: dist.Runtime, k: int) -> dict[str, floa
     return {f"pass@{j}": float(hits[j - 1]) / n for j in range(1, k + 1)}
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     with dist.session(cfg.chat_rl.device_type) as rt:
-        return train(cfg, rt)
+        return train(cfg, inputs, rt)
 
 
-def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     from nanochat_core.engine import Engine
 
     rc = cfg.chat_rl
     started = time.time()
     say = dist.Console(rt.master)
-    src = source_dir("rl", cfg, rc.source)
-    out = checkpoint_dir("rl", cfg)
+    src = inputs["model"]["path"]
     torch.manual_seed(rc.seed)
-    model, tokenizer, start_meta = load_start(src, rc.step, rt.device, "rl")
+    model, tokenizer, start_meta = load_start("chat_rl", src, rc.step, rt.device)
+    out = output_dir("chat_rl", cfg, depth=model.config.n_layer)
     if rc.examples_per_step % rt.world:
         raise UserError(f"--examples-per-step {rc.examples_per_step} does not split over {rt.world} processes; "
                         "pick a multiple of the process count")
@@ -106,7 +107,7 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
         raise UserError(f"{len(mixture)} problems are fewer than one step's {rc.examples_per_step}; add problems "
                         "or lower --examples-per-step")
     engine = Engine(model, tokenizer)
-    autocast = autocast_for(rc.dtype, rt.device)
+    autocast = hardware.autocast(rc.dtype, rt.device)
     fresh_output(out, rt, say)
     metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
     opt = make_optimizers(model, rc)
@@ -175,10 +176,8 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("nanochat rl", "Reinforcement learning on math word problems (REINFORCE, group baseline).",
-                          {"chat_rl": None})
-    cfg = config_from_args(parser.parse_args(argv))
-    artifacts.emit(run(cfg))
+    cfg, inputs = parse("chat_rl", argv)
+    artifacts.emit(run(cfg, inputs))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     nanochat sft --preset d4-cpu --tasks identity,custom@my_convs.jsonl --num-epochs 2
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.chat_sft --config cfg.json
 
-Starts from the latest midtraining checkpoint (`<base>/mid_checkpoints/d<depth>`, or --source). Each
+Starts from its `model` input (run by hand: `<base>/mid_checkpoints/d<depth>`, or --model). Each
 micro-batch pads its conversations to the longest one; targets are -1 on user turns, tool outputs
 and padding (chat_format's mask), so the loss is the mean over assistant tokens only. Writes
 checkpoints, `metrics.jsonl` and `result.json` to `<base>/chatsft_checkpoints/d<depth>/`.
@@ -16,30 +16,31 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist
+from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_conversation
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import join
+from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import (
-    autocast_for, base_meta, build_mixture, checkpoint_dir, finish_supervised, fresh_output, load_start,
-    make_optimizers, masked_loss, sft_batch, source_dir, split_val, train_loop,
+    base_meta, build_mixture, finish_supervised, fresh_output, load_start,
+    make_optimizers, masked_loss, sft_batch, split_val, train_loop,
 )
+from nanochat_core.stage_args import parse
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     with dist.session(cfg.chat_sft.device_type) as rt:
-        return train(cfg, rt)
+        return train(cfg, inputs, rt)
 
 
-def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     sc = cfg.chat_sft
     started = time.time()
     say = dist.Console(rt.master)
-    src = source_dir("sft", cfg, sc.source)
-    out = checkpoint_dir("sft", cfg)
+    src = inputs["model"]["path"]
     torch.manual_seed(sc.seed)
-    model, tokenizer, start_meta = load_start(src, sc.step, rt.device, "sft")
+    model, tokenizer, start_meta = load_start("chat_sft", src, sc.step, rt.device)
+    out = output_dir("chat_sft", cfg, depth=model.config.n_layer)
     B = sc.device_batch_size
     if sc.examples_per_step % (B * rt.world):
         raise UserError(f"--examples-per-step {sc.examples_per_step} is not a multiple of device_batch_size × "
@@ -66,7 +67,7 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
             cursor += 1
         return sft_batch(rows, pad_id, rt.device)
 
-    autocast = autocast_for(sc.dtype, rt.device)
+    autocast = hardware.autocast(sc.dtype, rt.device)
     val_mine = list(val_idx[rt.rank::rt.world])
 
     def evaluate(step: int):
@@ -91,10 +92,8 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("nanochat sft", "Fine-tune on conversations with the loss on assistant tokens only.",
-                          {"chat_sft": None})
-    cfg = config_from_args(parser.parse_args(argv))
-    artifacts.emit(run(cfg))
+    cfg, inputs = parse("chat_sft", argv)
+    artifacts.emit(run(cfg, inputs))
 
 
 if __name__ == "__main__":

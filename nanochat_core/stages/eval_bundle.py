@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.evaluation.bundle import (
     CORE_LABELS,
-    default_bundle_dir,
     download_bundle,
     load_examples,
     load_tasks,
@@ -29,12 +28,8 @@ from nanochat_core.evaluation.bundle import (
     write_manifest,
 )
 from nanochat_core.evaluation.packaged import build_from_packages
-from nanochat_core.paths import base_dir, join
-
-
-def bundle_dir(cfg: PipelineConfig) -> str:
-    """Where the stage writes the bundle (CORE reads it there unless --bundle says otherwise)."""
-    return cfg.eval_bundle.out or default_bundle_dir(base_dir())
+from nanochat_core.paths import join, output_dir
+from nanochat_core.stage_args import parse
 
 
 def describe_downloaded(out: str, source: str) -> dict:
@@ -55,9 +50,9 @@ def describe_downloaded(out: str, source: str) -> dict:
     return manifest
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
     c = cfg.eval_bundle
-    out = bundle_dir(cfg)
+    out = output_dir("eval_bundle", cfg)
     t0 = time.time()
     existing = read_manifest(out).get("source") if storage.exists(join(out, "core.yaml")) else None
     if existing is not None and (existing == "packages") != (c.source == "packages"):
@@ -87,12 +82,8 @@ def run(cfg: PipelineConfig) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat eval-bundle build",
-        "Build (or download) the CORE eval bundle into <base>/eval_bundle.",
-        {"eval_bundle": None},
-    )
-    result = run(config_from_args(parser.parse_args(argv)))
+    cfg, inputs = parse("eval_bundle", argv)
+    result = run(cfg, inputs)
     artifacts.emit(result)
     print(f"eval bundle at {result['path']}: {result['num_tasks']} of {len(CORE_LABELS)} CORE tasks")
     for label in result["present"]:

@@ -4,7 +4,7 @@
     nanochat mid-train --preset d4-cpu --tasks chatterbot,identity,math:4000 --num-iterations 50
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.mid_train --config cfg.json
 
-Starts from the latest base checkpoint (`<base>/base_checkpoints/d<depth>`, or --source), renders the
+Starts from its `model` input (run by hand: `<base>/base_checkpoints/d<depth>`, or --model), renders the
 task mixture as conversations and packs them into rows of max_seq_len tokens, like pretraining does
 with documents (nanochat's midtraining: loss on every token; the conversations carry the format).
 Rank r takes examples r, r+W, ... of the shuffled mixture. Writes checkpoints, `metrics.jsonl` and
@@ -17,15 +17,16 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist
+from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_conversation
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import join
+from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import (
-    all_reduce_min, autocast_for, base_meta, build_mixture, checkpoint_dir, finish_supervised, fresh_output,
-    load_start, make_optimizers, masked_loss, source_dir, split_val, train_loop,
+    all_reduce_min, base_meta, build_mixture, finish_supervised, fresh_output,
+    load_start, make_optimizers, masked_loss, split_val, train_loop,
 )
+from nanochat_core.stage_args import parse
 
 
 def packed_rows(tokenizer, mixture, indices, T: int) -> torch.Tensor:
@@ -42,19 +43,19 @@ def packed_rows(tokenizer, mixture, indices, T: int) -> torch.Tensor:
     return data.unfold(0, T + 1, T)
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     with dist.session(cfg.mid_train.device_type) as rt:
-        return train(cfg, rt)
+        return train(cfg, inputs, rt)
 
 
-def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
+def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     mc = cfg.mid_train
     started = time.time()
     say = dist.Console(rt.master)
-    src = source_dir("mid", cfg, mc.source)
-    out = checkpoint_dir("mid", cfg)
+    src = inputs["model"]["path"]
     torch.manual_seed(mc.seed)
-    model, tokenizer, start_meta = load_start(src, mc.step, rt.device, "mid-train")
+    model, tokenizer, start_meta = load_start("mid_train", src, mc.step, rt.device)
+    out = output_dir("mid_train", cfg, depth=model.config.n_layer)
     T, B = mc.max_seq_len, mc.device_batch_size
     if T > model.config.sequence_len * 10:
         raise UserError(f"--max-seq-len {T} is beyond what the model's rotary table covers "
@@ -87,7 +88,7 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
         cursor += B
         return batch[:, :-1], batch[:, 1:]
 
-    autocast = autocast_for(mc.dtype, rt.device)
+    autocast = hardware.autocast(mc.dtype, rt.device)
 
     def evaluate(step: int):
         if not len(val_rows) and rt.world == 1:
@@ -110,10 +111,8 @@ def train(cfg: PipelineConfig, rt: dist.Runtime) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("nanochat mid-train", "Midtrain the base model on conversations, tool use and spelling.",
-                          {"mid_train": None})
-    cfg = config_from_args(parser.parse_args(argv))
-    artifacts.emit(run(cfg))
+    cfg, inputs = parse("mid_train", argv)
+    artifacts.emit(run(cfg, inputs))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The report card: one markdown file (+ loss-curve PNGs) gathering every stage's figures.
 
     nanochat report                       # from the result.json files under $NANOCHAT_BASE_DIR
-    python -m nanochat_core.stages.report --config cfg.json     (what the flow runs; refs come as inputs)
+    python -m nanochat_core.stages.report --config cfg.json     (what the flow runs; every ref comes as an input)
 
 Written to <base>/report/report.md. The flow publishes it as a Prefect markdown artifact and logs it
 to the MLflow parent run.
@@ -14,19 +14,22 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from typing import Any
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import exit_on_user_error
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import base_dir, join, output_dir
+from nanochat_core.registry import FAMILIES, STAGES, eval_ref_name
+from nanochat_core.stage_args import parse
 
-# The summary table of the seed-era report card, spelled exactly so.
+# The summary table of the seed-era report card, spelled exactly so: a column per checkpoint family
+# (BASE / MID / SFT / RL), filled from the evaluation of that family's model.
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
-SUMMARY_COLUMNS = {"BASE": "base_eval", "MID": "mid_eval", "SFT": "sft_eval", "RL": "rl_eval"}
-STAGE_ORDER = ["corpus", "download", "tok_train", "tok_eval", "base_train", "eval_bundle", "base_eval",
-               "mid_train", "chat_sft", "chat_rl", "chat_eval"]
+SUMMARY_COLUMNS = {family.upper(): eval_ref_name(family) for family in FAMILIES}
+# Sections in DAG order; each chat_eval ref goes by its family's evaluation name (mid_eval, ...).
+STAGE_ORDER = [s for name in STAGES if name != "report"
+               for s in ([eval_ref_name(f) for f in FAMILIES if f != "base"] if name == "chat_eval" else [name])]
 # Keys of a ref that are bookkeeping, not figures.
 HIDDEN = {"stage", "path", "manifest", "digest", "run_id", "metrics_path", "samples", "tasks", "per_task",
           "core_table"}
@@ -140,10 +143,10 @@ def loss_plot(refs: dict[str, dict], out_dir: str) -> list[str]:
     return lines
 
 
-def run(cfg: PipelineConfig, refs: dict[str, dict] | None = None) -> dict:
-    root = base_dir()
-    refs = refs or find_refs(root)
-    out_dir = join(root, "report")
+def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
+    """The report from the refs the flow hands over (every stage's), else from the base dir's result.json files."""
+    refs = inputs or find_refs(base_dir())
+    out_dir = output_dir("report", cfg)
     storage.makedirs(out_dir)
     ordered = {s: refs[s] for s in [*STAGE_ORDER, *sorted(set(refs) - set(STAGE_ORDER))] if s in refs}
     seconds = sum(float(r.get("seconds", 0) or 0) for r in ordered.values())
@@ -165,9 +168,8 @@ def run(cfg: PipelineConfig, refs: dict[str, dict] | None = None) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser("nanochat report", "Write the report card from every stage's result.", {"plan": None})
-    cfg = config_from_args(parser.parse_args(argv))
-    ref = run(cfg, artifacts.inputs() or None)
+    cfg, inputs = parse("report", argv)
+    ref = run(cfg, inputs)
     artifacts.emit(ref)
     print(f"report: {ref['path']}/report.md ({ref['stages']} stages)")
 

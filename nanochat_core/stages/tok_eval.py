@@ -17,11 +17,11 @@ from __future__ import annotations
 import itertools
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
-from nanochat_core.data.shards import iter_row_groups, list_shards
+from nanochat_core.config import PipelineConfig
+from nanochat_core.data.shards import iter_row_groups, shards_of
 from nanochat_core.errors import exit_on_user_error
-from nanochat_core.paths import base_dir, join
-from nanochat_core.stages.tok_train import data_dir, tokenizer_dir
+from nanochat_core.paths import join, output_dir
+from nanochat_core.stage_args import parse
 from nanochat_core.tokenizer import Tokenizer
 
 # Written for this table; each exercises a different part of the vocabulary.
@@ -131,10 +131,10 @@ def table(rows: list[dict], refs: dict[str, object | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: PipelineConfig, inputs: dict | None = None) -> dict:
-    tok_dir = (inputs or {}).get("tokenizer", {}).get("path") or tokenizer_dir()
+def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
+    tok_dir = inputs["tokenizer"]["path"]
     tokenizer = Tokenizer.load(tok_dir)
-    shards = list_shards(data_dir(cfg, inputs))
+    shards = shards_of(inputs["shards"])
     max_docs = cfg.tok_eval.max_docs
     samples = {"val": shard_docs(shards.val, max_docs)}
     if shards.train:
@@ -143,7 +143,7 @@ def run(cfg: PipelineConfig, inputs: dict | None = None) -> dict:
     refs = reference_encodings()
     rows = evaluate(tokenizer, samples, refs)
     md = table(rows, refs)
-    out = join(base_dir(), "tok_eval")
+    out = output_dir("tok_eval", cfg)
     storage.write_text(join(out, "table.md"), md)
     val = rows[0]
     figures: dict = {
@@ -162,13 +162,8 @@ def run(cfg: PipelineConfig, inputs: dict | None = None) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat tok-eval",
-        "Bytes and characters per token of the trained tokenizer on held-out text, beside GPT-2 / GPT-4.",
-        {"tok_eval": None, "base_train": ["data_dir"]},
-    )
-    cfg = config_from_args(parser.parse_args(argv))
-    ref = run(cfg, artifacts.inputs() or None)
+    cfg, inputs = parse("tok_eval", argv)
+    ref = run(cfg, inputs)
     artifacts.emit(ref)
     print(storage.read_text(join(ref["path"], "table.md")), end="")
     print(f"val: {ref['bytes_per_token']} bytes/token, {ref['chars_per_token']} chars/token -> {ref['path']}")

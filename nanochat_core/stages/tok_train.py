@@ -5,7 +5,8 @@
     nanochat tok-train --max-chars 2e9 --doc-cap 10000 --vocab-size 65536
     python -m nanochat_core.stages.tok_train --config cfg.json
 
-Reads the training shards of <base>/base_data (or --data-dir) in order, row group by row group,
+Reads the training shards its `shards` input lists (run by hand: <base>/base_data, or --shards) in
+order, row group by row group,
 each document cropped to --doc-cap characters, until --max-chars characters; the val shard is
 never read. The text streams into the Rust trainer (tokenizer_rs) in batches, so memory stays
 flat whatever --max-chars is. Writes <base>/tokenizer/{tokenizer.pkl, token_bytes.pt, result.json}.
@@ -18,23 +19,12 @@ import time
 from typing import Iterator
 
 from nanochat_core import artifacts
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
-from nanochat_core.data.shards import iter_row_groups, list_shards
+from nanochat_core.config import PipelineConfig
+from nanochat_core.data.shards import iter_row_groups, shards_of
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import base_dir, join
+from nanochat_core.paths import output_dir
+from nanochat_core.stage_args import parse
 from nanochat_core.tokenizer import Tokenizer
-
-
-def tokenizer_dir() -> str:
-    return join(base_dir(), "tokenizer")
-
-
-def data_dir(cfg: PipelineConfig, inputs: dict | None = None) -> str:
-    """The shards to read: the upstream download's output, else --data-dir (the pretraining shards
-    setting, shared with base_train), else <base>/base_data."""
-    if inputs and inputs.get("shards", {}).get("path"):
-        return inputs["shards"]["path"]
-    return cfg.base_train.data_dir or join(base_dir(), "base_data")
 
 
 def training_texts(files: list[str], max_chars: int, doc_cap: int) -> Iterator[str]:
@@ -51,12 +41,14 @@ def training_texts(files: list[str], max_chars: int, doc_cap: int) -> Iterator[s
                 return
 
 
-def run(cfg: PipelineConfig, inputs: dict | None = None, progress: bool | None = None) -> dict:
+def run(cfg: PipelineConfig, inputs: dict[str, dict], progress: bool | None = None) -> dict:
     tc = cfg.tok_train
-    shards = list_shards(data_dir(cfg, inputs))
+    # Exactly the shards the ref lists: the flow hands the first few while the rest still download,
+    # so what the tokenizer learns from is what its cache key says, however far the download got.
+    shards = shards_of(inputs["shards"])
     if not shards.train:
         raise UserError(
-            f"{data_dir(cfg, inputs)} holds only the val shard; tokenizer training needs at least one "
+            f"{inputs['shards']['path']} holds only the val shard; tokenizer training needs at least one "
             "training shard: run `nanochat download -n 1` or more"
         )
     stats = {"chars": 0, "docs": 0}
@@ -89,8 +81,8 @@ def run(cfg: PipelineConfig, inputs: dict | None = None, progress: bool | None =
         seconds = time.perf_counter() - t0
         bar.update(min(stats["chars"], tc.max_chars) - bar.n)
     if stats["docs"] == 0 or stats["chars"] == 0:
-        raise UserError(f"the training shards in {data_dir(cfg, inputs)} hold no text; rebuild them")
-    out = tokenizer_dir()
+        raise UserError(f"the training shards in {inputs['shards']['path']} hold no text; rebuild them")
+    out = output_dir("tok_train", cfg)
     files = tokenizer.save(out)
     figures = {
         "vocab_size": tokenizer.vocab_size,
@@ -107,13 +99,8 @@ def run(cfg: PipelineConfig, inputs: dict | None = None, progress: bool | None =
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(
-        "nanochat tok-train",
-        "Train the byte-level BPE tokenizer on the first shards into $NANOCHAT_BASE_DIR/tokenizer.",
-        {"tok_train": None, "base_train": ["data_dir"]},
-    )
-    cfg = config_from_args(parser.parse_args(argv))
-    ref = run(cfg, artifacts.inputs() or None)
+    cfg, inputs = parse("tok_train", argv)
+    ref = run(cfg, inputs)
     artifacts.emit(ref)
     if ref["vocab_size"] < cfg.tok_train.vocab_size:
         print(f"warning: the text ran out of pairs to merge: vocab {ref['vocab_size']:,} "

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from nanochat_core.paths import join  # noqa: E402
+from nanochat_core.paths import join, output_dir, tokenizer_dir  # noqa: E402
 
 VOCAB, DEPTH, DIM, SEQ, TOTAL_BATCH = 8192, 4, 128, 512, 4096
 
@@ -46,7 +46,7 @@ def prepare_base(base: str | None) -> str:
     """A base dir with a vocab-8192 tokenizer and shards: the given one if complete, else a temp one."""
     from nanochat_core import storage
 
-    if base and storage.exists(join(base, "tokenizer", "tokenizer.pkl")) and storage.exists(join(base, "base_data")):
+    if base and storage.exists(join(tokenizer_dir(base), "tokenizer.pkl")) and storage.exists(output_dir("download", None, root=base)):
         return base
     from nanochat_core.data.shards import write_shards
     from nanochat_core.data.stdlib_text import stdlib_docs
@@ -54,8 +54,8 @@ def prepare_base(base: str | None) -> str:
 
     base = tempfile.mkdtemp(prefix="bench-pretrain-")
     docs = list(stdlib_docs())
-    write_shards(docs, join(base, "base_data"), 120_000)
-    Tokenizer.train(docs, VOCAB).save(join(base, "tokenizer"))
+    write_shards(docs, output_dir("download", None, root=base), 120_000)
+    Tokenizer.train(docs, VOCAB).save(tokenizer_dir(base))
     return base
 
 
@@ -101,8 +101,8 @@ def child_reference(base: str, steps: int, batch: int) -> dict:
     from nanochat_core.model.bpb import evaluate_bpb
     from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
-    tok = Tokenizer.load(join(base, "tokenizer"))
-    shards = list_shards(join(base, "base_data"))
+    tok = Tokenizer.load(tokenizer_dir(base))
+    shards = list_shards(output_dir("download", None, root=base))
     accum = TOTAL_BATCH // (batch * SEQ)
     loader = shard_loader(shards.train, tok, batch, SEQ)
     data = [next(loader) for _ in range(steps * accum)]  # tokenized before the clock starts
@@ -124,7 +124,7 @@ def child_reference(base: str, steps: int, batch: int) -> dict:
         losses.append(total)
     val = shard_loader(val_files(shards.val, 1), tok, batch, SEQ)
     model.eval()
-    bpb = evaluate_bpb(model, val, max(1, 65_536 // (batch * SEQ)), load_token_bytes(join(base, "tokenizer")))
+    bpb = evaluate_bpb(model, val, max(1, 65_536 // (batch * SEQ)), load_token_bytes(tokenizer_dir(base)))
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * (num_params - model.wte.weight.numel() - model.wpe.weight.numel()) + 12 * DEPTH * DIM * SEQ
     return {"losses": losses, "dts": dts, "val_bpb": bpb, "flops_per_token": flops_per_token}
@@ -214,8 +214,8 @@ def loader_rate(base: str, seconds: float = 5.0) -> float:
     from nanochat_core.data.shards import list_shards
     from nanochat_core.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(join(base, "tokenizer"))
-    loader = shard_loader(list_shards(join(base, "base_data")).train, tok, 8, SEQ)
+    tok = Tokenizer.load(tokenizer_dir(base))
+    loader = shard_loader(list_shards(output_dir("download", None, root=base)).train, tok, 8, SEQ)
     batches, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         next(loader)

@@ -66,10 +66,10 @@ def emit(ref: dict[str, Any]) -> None:
         storage.write_text(target, json.dumps(ref, default=str))
 
 
-def inputs() -> dict[str, dict[str, Any]]:
-    """The upstream refs the launcher handed to this stage ({} when run by hand)."""
+def inputs() -> dict[str, dict[str, Any]] | None:
+    """The upstream refs the launcher handed to this stage (None when run by hand)."""
     path = os.environ.get(INPUTS_PATH_ENV)
-    return json.loads(storage.read_text(path)) if path and storage.exists(path) else {}
+    return json.loads(storage.read_text(path)) if path and storage.exists(path) else None
 
 
 def verify(ref: dict[str, Any]) -> bool:

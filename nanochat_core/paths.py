@@ -31,16 +31,16 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def output_dir(stage: str, cfg: Any, depth: int | None = None, source: str | None = None) -> str:
-    """Where `stage` writes: its config's `out` when set, else its registry default under the base dir.
-
-    `depth` (checkpoint families, base_eval) and `source` (chat_eval) fill the default's placeholders.
+def output_dir(stage: str, cfg: Any, depth: int | None = None, source: str | None = None,
+               root: str | None = None) -> str:
+    """Where `stage` writes: its config's `out` when set, else its registry default under the base dir
+    (or `root`). `depth` (checkpoint families, base_eval) and `source` (chat_eval) fill the placeholders.
     """
     section = getattr(cfg, STAGES[stage].section, None)
     explicit = getattr(section, "out", None)
     if explicit:
         return explicit
-    return join(base_dir(), STAGES[stage].out.format(depth=depth, source=source))
+    return join(root or base_dir(), STAGES[stage].out.format(depth=depth, source=source))
 
 
 def checkpoint_dir(family: str, depth: int, root: str | None = None) -> str:
@@ -54,5 +54,5 @@ def family_root(family: str, root: str | None = None) -> str:
 
 
 def tokenizer_dir(root: str | None = None) -> str:
-    """Where tok_train writes the tokenizer by default (tok_train has no `out` setting)."""
-    return join(root or base_dir(), STAGES["tok_train"].out)
+    """Where tok_train writes the tokenizer (it has no `out` setting)."""
+    return output_dir("tok_train", None, root=root)

@@ -51,7 +51,7 @@ def parse(stage: str, argv: list[str] | None, p: argparse.ArgumentParser | None 
 def resolve(stage: str, cfg: PipelineConfig, given: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """The input refs of `stage`: the launcher's, else `given` directories, else the defaults."""
     handed = artifacts.inputs()
-    if handed:
+    if handed is not None:
         return handed
     record, given = STAGES[stage], given or {}
     refs: dict[str, dict[str, Any]] = {}

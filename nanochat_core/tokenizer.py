@@ -1,8 +1,8 @@
 """The tokenizer: byte-level BPE trained by `tokenizer_rs` (Rust), run by tiktoken.
 
     tok = Tokenizer.train(texts, vocab_size=65_536)       # 256 bytes + 65,271 merges + 9 specials
-    tok.save(join(base_dir(), "tokenizer"))               # tokenizer.pkl + token_bytes.pt
-    tok = Tokenizer.load(join(base_dir(), "tokenizer"))
+    tok.save(paths.tokenizer_dir())                       # tokenizer.pkl + token_bytes.pt
+    tok = Tokenizer.load(paths.tokenizer_dir())
     ids = tok.encode("Hello world", prepend="<|bos|>")    # or a list of str, encoded in threads
     tok.decode(ids)
 

@@ -22,8 +22,12 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     return base
 
 
-def speedrun(base: Path, *args: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+AUDIT_SITE = Path(__file__).parent / "config_audit"
+
+
+def speedrun(base: Path, *args: str, timeout: int = 900, env: dict[str, str] | None = None
+             ) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), **(env or {})}
     out = subprocess.run([sys.executable, "-m", "nanochat_core.cli", "speedrun", "--preset", "tiny", *args],
                          capture_output=True, text=True, env=env, timeout=timeout)
     return out, states(out.stdout)
@@ -45,11 +49,26 @@ def states(stdout: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def first_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("speedrun")
-    out, table = speedrun(base)
+def audit_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("config_audit")
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory, audit_dir):
+    """The session's tiny speedrun; its stage processes record the config fields they read (config_audit)."""
+    base, audit = tmp_path_factory.mktemp("speedrun"), audit_dir
+    path = os.pathsep.join([str(AUDIT_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
+    out, table = speedrun(base, env={"PYTHONPATH": path, "NANOCHAT_CONFIG_AUDIT": str(audit)})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return base, out, table
+
+
+@pytest.fixture(scope="session")
+def config_reads(first_run, audit_dir):
+    """[{stage, read, inputs, argv}] for every stage process of the session speedrun (before any re-run)."""
+    import json
+
+    return [json.loads(p.read_text()) for p in sorted(audit_dir.glob("*.json"))]
 
 
 def run_alone(module, cfg, **kwargs):

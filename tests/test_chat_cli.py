@@ -33,11 +33,16 @@ def cfg_with(**inference) -> PipelineConfig:
     return cfg.model_copy(update={"inference": cfg.inference.model_copy(update=inference)})
 
 
-def test_one_shot_prompt(base, monkeypatch, capsys):
+def test_one_shot_prompt(base, replica, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
-    cli.main(["-p", "What is 2+2?", "--max-tokens", "8", "--temperature", "0", "--source", "base"])
+    question = "What is 2+2?"
+    cli.main(["-p", question, "--max-tokens", "8", "--temperature", "0", "--source", "base"])
     out = capsys.readouterr().out
-    assert out.endswith("\n") and len(out.strip()) > 0
+    # The model's own greedy reply to that question (same checkpoint, in-process), not an echo of it.
+    expected = io.StringIO()
+    text, _ = cli.reply(replica, [{"role": "user", "content": question}], cfg_with(max_tokens=8, temperature=0.0),
+                        expected)
+    assert out == expected.getvalue() and text.strip() and question not in out
 
 
 def test_session_clear_quit_and_long_history(replica):

@@ -137,7 +137,7 @@ def test_sample_source_without_a_corpus_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         download_stage.main(["--preset", "tiny"])
     err = capsys.readouterr().err
-    assert err.startswith("error: no sample corpus in ") and "nanochat corpus build" in err
+    assert err.startswith("error: no sample corpus; run `nanochat corpus build` first or pass --corpus")
 
 
 def test_sample_source_reads_the_corpus_through_file_urls(tmp_path):
@@ -146,7 +146,7 @@ def test_sample_source_reads_the_corpus_through_file_urls(tmp_path):
     urls = write_shards(make_docs(3000, seed=5), str(corpus), shard_chars=300_000)
     storage.write_text(str(corpus / "manifest.json"), json.dumps(
         {"shards": [{"index": i, "sha256": storage.sha256(u)} for i, u in enumerate(urls)]}))
-    download_stage.main(["--preset", "tiny", "--out", str(corpus), "-n", "2"])
+    download_stage.main(["--preset", "tiny", "--corpus", str(corpus), "-n", "2"])
     res = result()
     assert res["source"] == f"file://{corpus}/shard_{{index:05d}}.parquet"
     assert res["val_index"] == len(urls) - 1 and res["fetched"] == 3

@@ -1,12 +1,17 @@
 """MLflow in a SQLite file under the base dir: a parent run per pipeline, a child per stage, metrics by step."""
 
+import os
+from pathlib import Path
+
 from mlflow.tracking import MlflowClient
 
 from nanochat_core import tracking
 
 
-def test_parent_child_runs_and_metrics(tmp_path):
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.parent}/{tmp_path.name}/mlflow.db" or tracking.tracking_uri().endswith("mlflow.db")
+def test_parent_child_runs_and_metrics(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = Path(os.environ["NANOCHAT_BASE_DIR"]).resolve()  # conftest gives every test its own base dir
+    assert tracking.tracking_uri() == f"sqlite:///{base}/mlflow.db"
     parent = tracking.start_pipeline_run("tiny-test", {"base_train.depth": 2}, {"preset": "tiny"})
     child = tracking.start_stage_run(parent, "base_train", {"base_train.depth": 2})
     rows = [{"step": s, "train/loss": 5.0 - s, "train/tok_per_sec": 1000.0} for s in range(3)]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from nanochat_core.config import CommandParser, set_dotted, stage_names
+from nanochat_core.data.packages import cache_root
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import base_dir
 from nanochat_core.presets import PRESETS, get_preset
@@ -24,7 +25,7 @@ from nanochat_core.presets import PRESETS, get_preset
 
 def embedded_defaults(root: str) -> dict[str, str]:
     """Environment for a self-contained run: nothing leaves the machine, nothing lands in ~."""
-    local = root if "://" not in root else str(Path.home() / ".cache" / "nanochat-flow")
+    local = root if "://" not in root else str(cache_root())
     env = {
         "PREFECT_HOME": str(Path(local) / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -193,7 +193,7 @@ class EvalBundleConfig(StageConfig):
     package_cache: str | None = Field(
         None,
         description="where the downloaded package archives are kept "
-        "(default: ~/.cache/nanochat-flow/packages)",
+        "(default: <cache root>/packages; the cache root is $NANOCHAT_FLOW_CACHE or ~/.cache/nanochat-flow)",
     )
 
 

@@ -221,3 +221,37 @@ def test_a_failed_run_still_records_what_arrived(served, monkeypatch):
     served["server"].fail_first = {}
     download_stage.main(["-n", "3", "--source", served["template"], "--val-index", str(val)])
     assert result()["fetched"] == 1 and result()["skipped"] == 3  # only shard 2 was missing
+
+
+def test_retries_back_off_exponentially_and_stop_at_final_errors(monkeypatch):
+    """The retry policy itself: each wait at least doubles; a missing file, a user error or Ctrl-C is
+    never retried; the last transient failure is named in one sentence."""
+    from nanochat_core.data.download import with_retries
+    from nanochat_core.errors import UserError
+
+    monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.05)
+    calls: list[float] = []
+
+    def failing(error: BaseException, times: int = 10**6):
+        def fn():
+            calls.append(time.monotonic())
+            if len(calls) <= times:
+                raise error
+            return "shard"
+
+        calls.clear()
+        return fn
+
+    assert with_retries("s3://b/shard_00000.parquet", failing(ConnectionResetError("reset by peer"), times=3)) == "shard"
+    waits = [b - a for a, b in zip(calls, calls[1:])]
+    assert [w >= 0.05 * 2**i for i, w in enumerate(waits)] == [True, True, True]  # 0.05, 0.1, 0.2 s plus jitter
+
+    for final, raised in ((FileNotFoundError("gone"), UserError), (UserError("bad"), UserError),
+                          (KeyboardInterrupt(), KeyboardInterrupt)):
+        with pytest.raises(raised):
+            with_retries("x", failing(final))
+        assert len(calls) == 1
+
+    with pytest.raises(UserError, match=r"fetching x failed after 3 attempts \(last: TimeoutError: slow\)"):
+        with_retries("x", failing(TimeoutError("slow")), retries=3)
+    assert len(calls) == 3

@@ -206,3 +206,27 @@ def test_download_into_an_s3_base_dir(s3, monkeypatch):
 def run_download_remote(*argv: str) -> dict:
     download_stage.main([*argv])
     return json.loads(storage.read_text(output_dir("download", None) + "/result.json"))
+
+
+def test_eval_bundle_downloads_from_s3(s3, tmp_path):
+    """The eval bundle zip comes through fsspec like the shards: an s3:// --url works as https does."""
+    import io
+    import zipfile
+
+    from nanochat_core.evaluation.bundle import CORE_TASKS, core_yaml, download_bundle, jsonl, load_examples, load_tasks, meta_csv
+
+    boolq = next(t for t in CORE_TASKS if t.label == "boolq")
+    rows = [{"query": f"Passage: p{i}\nQuestion: q?", "choices": ["no", "yes"], "gold": i % 2} for i in range(3)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("eval_bundle/core.yaml", core_yaml([boolq]))
+        z.writestr("eval_bundle/eval_meta_data.csv", meta_csv([boolq]))
+        z.writestr(f"eval_bundle/eval_data/{boolq.dataset_uri}", jsonl(rows))
+    s3["fs"].pipe(f"{BUCKET}/bundles/eval_bundle.zip", buf.getvalue())
+
+    out = str(tmp_path / "bundle")
+    assert download_bundle(f"s3://{BUCKET}/bundles/eval_bundle.zip", out)["downloaded"]
+    tasks = load_tasks(out)
+    assert [t.label for t in tasks] == ["boolq"] and load_examples(out, tasks[0]) == rows
+    with pytest.raises(UserError, match=r"could not download the eval bundle from s3://shards/bundles/nope\.zip \(not found\)"):
+        download_bundle(f"s3://{BUCKET}/bundles/nope.zip", str(tmp_path / "other"))

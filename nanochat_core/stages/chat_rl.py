@@ -149,19 +149,22 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             (loss / total_tokens).backward()  # normalised per sampled token of this rank's batch
         opt.step(1.0)
         opt.zero_grad()
-        stats = torch.tensor([sum(sum(r) for _, _, r in batch), sum(len(r) for _, _, r in batch),
-                              sum(float(any(x > 0 for x in r)) for _, _, r in batch), len(batch),
-                              sum(len(s) for s, _, _ in flat) - sum(len(s) - sum(m) for s, m, _ in flat)],
-                             dtype=torch.float32, device=rt.device)
-        dist.all_reduce_sum(stats)
-        reward_mean = float(stats[0] / stats[1])
-        reward_sum, reward_count = reward_sum + float(stats[0]), reward_count + int(stats[1])
+        # This step's figures summed over ranks: rewards and how many, questions solved by at least one
+        # sample and how many, and the sampled (trained) tokens.
+        totals = torch.tensor([sum(sum(r) for _, _, r in batch), sum(len(r) for _, _, r in batch),
+                               sum(float(any(x > 0 for x in r)) for _, _, r in batch), len(batch),
+                               sum(sum(m) for _, m, _ in flat)], dtype=torch.float32, device=rt.device)
+        summed = dict(zip(("reward_sum", "rewards", "solved", "questions", "sampled_tokens"),
+                          dist.all_reduce_sum(totals).tolist()))
+        reward_mean = summed["reward_sum"] / summed["rewards"]
+        pass_k = summed["solved"] / summed["questions"]
+        reward_sum, reward_count = reward_sum + summed["reward_sum"], reward_count + int(summed["rewards"])
         dt = time.perf_counter() - t0
         seconds_training += dt
-        say(f"rl step {step + 1:05d}/{N:05d} | reward {reward_mean:.3f} | pass@{rc.num_samples} "
-            f"{float(stats[2] / stats[3]):.3f} | lrm {lrm:.2f} | dt {dt:.1f}s")
-        metrics.write({"step": step + 1, "train/reward": reward_mean, f"train/pass@{rc.num_samples}": float(stats[2] / stats[3]),
-                       "train/sampled_tokens": float(stats[4]), "train/lr_mult": lrm, "train/dt_ms": dt * 1000})
+        say(f"rl step {step + 1:05d}/{N:05d} | reward {reward_mean:.3f} | pass@{rc.num_samples} {pass_k:.3f} | "
+            f"lrm {lrm:.2f} | dt {dt:.1f}s")
+        metrics.write({"step": step + 1, "train/reward": reward_mean, f"train/pass@{rc.num_samples}": pass_k,
+                       "train/sampled_tokens": summed["sampled_tokens"], "train/lr_mult": lrm, "train/dt_ms": dt * 1000})
         if step + 1 == N or (rc.eval_every > 0 and (step + 1) % rc.eval_every == 0):
             scores = evaluate(step + 1)
     save(out, N, rt, model, opt, base_meta("chat_rl", N, model, start_meta, src, cfg, rc))

@@ -12,7 +12,6 @@ checkpoints, `metrics.jsonl` and `result.json` to `<base>/chatsft_checkpoints/d<
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -20,9 +19,9 @@ from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_conversation
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import join, output_dir
+from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    base_meta, build_mixture, finish_supervised, fresh_output, load_start,
+    StageRun,     base_meta, build_mixture, finish_supervised, fresh_output, load_start,
     make_optimizers, masked_loss, sft_batch, split_val, train_loop,
 )
 from nanochat_core.stage_args import parse
@@ -35,12 +34,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     sc = cfg.chat_sft
-    started = time.time()
-    say = dist.Console(rt.master)
     src = inputs["model"]["path"]
     torch.manual_seed(sc.seed)
     model, tokenizer, start_meta = load_start("chat_sft", src, sc.step, rt.device)
     out = output_dir("chat_sft", cfg, depth=model.config.n_layer)
+    ctx = StageRun("chat_sft", "sft", out, rt, hardware.autocast(sc.dtype, rt.device))
+    say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
     B = sc.device_batch_size
     if sc.examples_per_step % (B * rt.world):
         raise UserError(f"--examples-per-step {sc.examples_per_step} is not a multiple of device_batch_size × "
@@ -67,7 +66,6 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             cursor += 1
         return sft_batch(rows, pad_id, rt.device)
 
-    autocast = hardware.autocast(sc.dtype, rt.device)
     val_mine = list(val_idx[rt.rank::rt.world])
 
     def evaluate(step: int):
@@ -82,12 +80,10 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     say(f"sft: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations, {N} steps of "
         f"{sc.examples_per_step} ({accum} micro-batches of {B} per process)")
     fresh_output(out, rt, say)
-    metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
     opt = make_optimizers(model, sc)
-    stats = train_loop("sft", model, opt, next_batch, N, accum, sc, rt, say, metrics, autocast, evaluate)
-    return finish_supervised("chat_sft", "sft", out, rt, model, opt,
-                             base_meta("chat_sft", N, model, start_meta, src, cfg, sc), stats, metrics, say,
-                             started, source=src, conversations=len(train_idx))
+    stats = train_loop(ctx, model, opt, next_batch, N, accum, sc, evaluate)
+    return finish_supervised(ctx, model, opt, base_meta("chat_sft", N, model, start_meta, src, cfg, sc), stats,
+                             source=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -13,7 +13,6 @@ Rank r takes examples r, r+W, ... of the shuffled mixture. Writes checkpoints, `
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -21,9 +20,9 @@ from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_conversation
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
-from nanochat_core.paths import join, output_dir
+from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    all_reduce_min, base_meta, build_mixture, finish_supervised, fresh_output,
+    StageRun, all_reduce_min, base_meta, build_mixture, finish_supervised, fresh_output,
     load_start, make_optimizers, masked_loss, split_val, train_loop,
 )
 from nanochat_core.stage_args import parse
@@ -50,12 +49,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
     mc = cfg.mid_train
-    started = time.time()
-    say = dist.Console(rt.master)
     src = inputs["model"]["path"]
     torch.manual_seed(mc.seed)
     model, tokenizer, start_meta = load_start("mid_train", src, mc.step, rt.device)
     out = output_dir("mid_train", cfg, depth=model.config.n_layer)
+    ctx = StageRun("mid_train", "mid-train", out, rt, hardware.autocast(mc.dtype, rt.device))
+    say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
     T, B = mc.max_seq_len, mc.device_batch_size
     if T > model.config.sequence_len * 10:
         raise UserError(f"--max-seq-len {T} is beyond what the model's rotary table covers "
@@ -88,8 +87,6 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         cursor += B
         return batch[:, :-1], batch[:, 1:]
 
-    autocast = hardware.autocast(mc.dtype, rt.device)
-
     def evaluate(step: int):
         if not len(val_rows) and rt.world == 1:
             return None
@@ -101,12 +98,10 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         return loss
 
     fresh_output(out, rt, say)
-    metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
     opt = make_optimizers(model, mc)
-    stats = train_loop("mid-train", model, opt, next_batch, N, accum, mc, rt, say, metrics, autocast, evaluate)
-    return finish_supervised("mid_train", "mid-train", out, rt, model, opt,
-                             base_meta("mid_train", N, model, start_meta, src, cfg, mc), stats, metrics, say,
-                             started, source=src, conversations=len(train_idx))
+    stats = train_loop(ctx, model, opt, next_batch, N, accum, mc, evaluate)
+    return finish_supervised(ctx, model, opt, base_meta("mid_train", N, model, start_meta, src, cfg, mc), stats,
+                             source=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -34,6 +34,9 @@ def embedded_defaults(root: str) -> dict[str, str]:
         # A fresh ephemeral database takes ~14 s to start here; the default 20 s is too tight on a busy CI box.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        # A stage waiting for the node's devices asks again after at most this long (default 30 s, which
+        # would leave the devices idle between a tiny run's stages).
+        "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
     }
     return {k: v for k, v in env.items() if k not in os.environ}
 

@@ -4,6 +4,12 @@ The heavy lifting is `nanochat_core.launch.run_stage`; what each stage's task ne
 sections its cache key covers, whether a retry resumes, whether it produces a model) is its record in
 nanochat_core.registry. A retry of a resumable stage continues from its latest checkpoint
 (`resume=True`), it does not start over.
+
+Placement: a stage that occupies the node's devices (its record's `devices`) carries the tag
+`nanochat-devices:<node>`, whose Prefect concurrency limit is 1, so the server lets one such task run
+enter Running at a time on a node; the others wait in Pending (shown so in the UI) and their run time,
+and their MLflow child runs, start when they get the devices. At launch the stage gets every device
+of the node (or its config's nproc_per_node) as torchrun processes.
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.context import TaskRunContext
+from prefect.states import Cancelled
 
 from flows.cache import StageCache
-from nanochat_core import tracking
+from nanochat_core import hardware, tracking
 from nanochat_core.config import PipelineConfig, flatten
-from nanochat_core.launch import run_stage
+from nanochat_core.launch import StageStopped, run_stage
 from nanochat_core.paths import base_dir, join
 from nanochat_core.registry import STAGES
 
@@ -37,10 +44,44 @@ def settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     return {name: cfg.model_dump(mode="json", include={name})[name] for name in STAGES[stage].reads}
 
 
-def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_run_id: str | None,
-             nproc_per_node: int = 1, nnodes: int = 1) -> dict[str, Any]:
+DEVICE_TAG = "nanochat-devices:"
+
+
+def device_tags(stage: str) -> list[str]:
+    """The node-devices tag for a stage that occupies them: torch stages always, CPU-bound ones only on a
+    node without GPUs (there they would take the torch stage's cores: two torch processes with 2 threads
+    each on 2 cores run 10-40x slower than one, DESIGN.md §11)."""
+    devices = STAGES[stage].devices
+    if devices == "node" or (devices == "cores" and hardware.node_devices() == 0):
+        return [DEVICE_TAG + hardware.node_id()]
+    return []
+
+
+def claim_node_devices() -> str:
+    """Make sure this node's devices tag has its concurrency limit of 1 (an upsert; the flow calls it once)."""
+    tag = DEVICE_TAG + hardware.node_id()
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=tag, concurrency_limit=1)
+    return tag
+
+
+def processes(cfg: PipelineConfig, stage: str) -> tuple[int, int]:
+    """(nproc_per_node, nnodes) of a stage at launch: its setting (or devices_per_node), else every GPU
+    this node reports; one process on CPU, where a process already uses every core."""
+    if STAGES[stage].devices != "node":
+        return 1, 1
+    section = getattr(cfg, stage)
+    nproc = cfg.nproc(stage)
+    if nproc is None:
+        gpus = hardware.node_devices()
+        nproc = gpus if gpus and section.device_type != "cpu" else 1
+    return nproc, getattr(section, "nnodes", 1)
+
+
+def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_run_id: str | None):
     logger = get_run_logger()
     record = STAGES[stage]
+    nproc_per_node, nnodes = processes(cfg, stage)
     attempt = TaskRunContext.get().task_run.run_count
     if attempt > 1 and record.resumable:
         logger.info(f"attempt {attempt}: resuming {stage} from its latest checkpoint")
@@ -54,6 +95,10 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     try:
         with monitor:
             ref = run_stage(stage, cfg, logger.info, nproc_per_node, nnodes, env, inputs)
+    except StageStopped:
+        if run_id:
+            tracking.end_run(run_id, "KILLED")
+        return Cancelled(message=f"{stage} was stopped: the flow run was cancelled")
     except BaseException:
         if run_id:
             tracking.end_run(run_id, "FAILED")
@@ -73,9 +118,8 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
 def stage_task(stage: str, retries: int = 0):
     """The Prefect task for `stage`: cached by StageCache, results persisted under the base dir."""
 
-    def adapter(stage: str, settings: dict, inputs: dict, cfg: PipelineConfig,
-                parent_run_id: str | None, nproc_per_node: int = 1, nnodes: int = 1) -> dict:
-        return _execute(stage, cfg, inputs, parent_run_id, nproc_per_node, nnodes)
+    def adapter(stage: str, settings: dict, inputs: dict, cfg: PipelineConfig, parent_run_id: str | None) -> dict:
+        return _execute(stage, cfg, inputs, parent_run_id)
 
     adapter.__name__ = adapter.__qualname__ = stage
     return task(
@@ -87,4 +131,5 @@ def stage_task(stage: str, retries: int = 0):
         result_storage=result_storage(),
         retries=retries,
         retry_delay_seconds=5,
+        tags=device_tags(stage),
     )

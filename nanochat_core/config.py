@@ -30,6 +30,9 @@ FINEWEB_EDU_URL = (
 SAMPLE_SOURCE = "sample"
 
 
+NPROC_HELP = "processes (devices) per node for torchrun (unset: devices_per_node, else every device the node has)"
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, assignments are validated."""
 
@@ -124,7 +127,7 @@ class BaseTrainConfig(StageConfig):
     save_every: int = Field(-1, description="steps between checkpoints (-1: only at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints to keep")
     resume: bool = Field(False, description="continue from the latest complete checkpoint")
-    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     nnodes: int = Field(1, ge=1, description="nodes for torchrun (c10d rendezvous)")
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
         "auto", description="device to train on (auto: cuda if present, else cpu)"
@@ -142,7 +145,7 @@ class BaseTrainConfig(StageConfig):
 
     @property
     def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
+        return (self.nproc_per_node or 1) * self.nnodes
 
 
 class BaseEvalConfig(StageConfig):
@@ -154,6 +157,7 @@ class BaseEvalConfig(StageConfig):
     sample_tokens: int = Field(16, ge=0, description="tokens generated per sample prompt (0: no samples)")
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     out: str | None = Field(None, description="result directory (default: <base>/base_eval/d<depth>)")
     core: bool = Field(False, description="also score CORE on the eval bundle (see --max-per-task, --eval-bundle)")
     random_init: bool = Field(
@@ -277,7 +281,7 @@ class PostTrainConfig(StageConfig):
     init_lr_frac: float = Field(1.0, gt=0, le=1, description="all learning rates times this")
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps of linear lr decay to 0")
     eval_every: int = Field(150, description="steps between val loss evaluations (-1: end only)")
-    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
     seed: int = Field(42, description="random seed (mixture order and generated examples)")
@@ -321,7 +325,7 @@ class ChatRLConfig(StageConfig):
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="all learning rates times this (decays to 0)")
     eval_every: int = Field(60, description="steps between pass@k evaluations on GSM8K test (-1: end only)")
     eval_examples: int = Field(400, ge=0, description="GSM8K test questions per pass@k evaluation (0: none)")
-    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
     seed: int = Field(42, description="random seed")
@@ -338,7 +342,7 @@ class ChatEvalConfig(StageConfig):
     max_problems: int = Field(-1, description="problems per task (-1: all)")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass for the multiple-choice tasks")
     max_new_tokens: int = Field(512, ge=1, description="tokens generated per answer")
-    nproc_per_node: int = Field(1, ge=1, description="processes (devices) per node for torchrun")
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
     out: str | None = Field(None, description="result directory (default: <base>/chat_eval/<model_source>)")
@@ -351,6 +355,9 @@ class PipelineConfig(StageConfig):
     """The whole speedrun: one config per stage. Presets return this type; the flow takes it."""
 
     preset: str = Field("d20", description="name of the preset this config came from")
+    devices_per_node: int | None = Field(
+        None, ge=1, description="accelerators (GPUs) per node: the torchrun processes of every torch stage whose "
+        "nproc_per_node is unset (unset: what the node reports when the stage launches; CPU: one process)")
     corpus: CorpusConfig = CorpusConfig()
     download: DownloadConfig = DownloadConfig()
     tok_train: TokTrainConfig = TokTrainConfig()
@@ -367,6 +374,11 @@ class PipelineConfig(StageConfig):
     inference: InferenceConfig = InferenceConfig()
     chat: ChatConfig = ChatConfig()
     serve: ServeConfig = ServeConfig()
+
+    def nproc(self, stage: str) -> int | None:
+        """torchrun processes per node for `stage`: its own nproc_per_node, else devices_per_node, else
+        None (the launcher asks the node: every GPU it reports, or one process on CPU)."""
+        return getattr(getattr(self, stage), "nproc_per_node", None) or self.devices_per_node
 
 
 # --- derived views ----------------------------------------------------------------------------

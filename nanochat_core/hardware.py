@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -70,6 +72,27 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
     mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit: heap-serve every activation
     mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of freed heap for the next step
+
+
+def node_devices() -> int:
+    """GPUs this process may use, read without importing torch (the flow process never does):
+    CUDA_VISIBLE_DEVICES when set (a pipeline pinned to 4 of 8 GPUs sees 4), else the GPUs the NVIDIA
+    driver lists. 0 means a CPU node."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def node_id() -> str:
+    """This node's devices as one name: the host, and the GPUs it is pinned to when CUDA_VISIBLE_DEVICES
+    says so. Stages holding the same name never run at once (the flow's device limit)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    host = socket.gethostname()
+    return f"{host}:gpus={visible.replace(',', '+')}" if visible else host
 
 
 def cpu_has_native_bf16() -> bool:

@@ -4,7 +4,10 @@
     python -m nanochat_core.stages.<stage> --config cfg.json      (one process / CPU-only stages)
 
 Every line the child prints is handed to `log` as it comes (PYTHONUNBUFFERED, so torchrun's ranks
-stream too); on a non-zero exit, the last lines are raised in a `StageFailed`. The child learns where
+stream too); on a non-zero exit, the last lines are raised in a `StageFailed`. Each child runs in a
+process group of its own (torchrun and all its ranks), so `stop_all()` (what the flow calls when its run
+is cancelled or interrupted) takes every stage process down at once, whatever it is doing: a stage that
+prints nothing for minutes (evaluating, saving, waiting in a collective) must not keep its GPUs. The child learns where
 to write its ref (NANOCHAT_RESULT_PATH), the tracking run it belongs to (NANOCHAT_MLFLOW_RUN_ID) and the
 artifact root (NANOCHAT_BASE_DIR) from its environment.
 """
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +31,11 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.paths import BASE_DIR_ENV, base_dir
 
 TAIL_LINES = 40
+STOP_GRACE_S = 10  # SIGTERM, then SIGKILL whatever is left of a process group after this long
+
+_running: set[subprocess.Popen] = set()  # the stage processes of this (flow) process, now
+_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 class StageFailed(RuntimeError):
@@ -36,6 +45,25 @@ class StageFailed(RuntimeError):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         last = "\n".join(tail)
         super().__init__(f"stage {stage} exited with status {returncode}; its last lines:\n{last}")
+
+
+class StageStopped(StageFailed):
+    """The child was stopped by `stop_all()` (the run was cancelled), not by a failure of its own."""
+
+
+def stop_all() -> None:
+    """Stop every stage process this process started (and their ranks), and any it would start next."""
+    _stopping.set()
+    with _lock:
+        procs = list(_running)
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
 
 
 def command(stage: str, config_path: str, nproc_per_node: int = 1, nnodes: int = 1,
@@ -84,9 +112,14 @@ def run_stage(
     argv = command(stage, str(config_path), nproc_per_node, nnodes, child_env.get("NANOCHAT_RDZV_ENDPOINT"))
     log(f"$ {' '.join(argv)}")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    # A new session, so that cancelling the task (or a failing rank) takes down the whole process group.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
-                            text=True, bufsize=1, start_new_session=True)
+    with _lock:
+        if _stopping.is_set():
+            raise StageStopped(stage, -signal.SIGTERM, ["(not started: the run is being stopped)"])
+        # A new session: the child and its ranks are one process group that stop_all() signals at once,
+        # and a Ctrl-C meant for the flow reaches them only through it (after the flow records it).
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
+                                text=True, bufsize=1, start_new_session=True)
+        _running.add(proc)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -97,8 +130,11 @@ def run_stage(
     except BaseException:
         _kill_group(proc)
         raise
+    finally:
+        with _lock:
+            _running.discard(proc)
     if returncode != 0:
-        raise StageFailed(stage, returncode, list(tail))
+        raise (StageStopped if _stopping.is_set() else StageFailed)(stage, returncode, list(tail))
     if not result_path.exists():
         raise StageFailed(stage, 0, [*tail, f"(the stage wrote no result to {result_path})"])
     ref = json.loads(result_path.read_text())
@@ -110,20 +146,16 @@ def run_stage(
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM the child's process group, then SIGKILL whatever is left after a grace period."""
+    _signal_group(proc.pid, signal.SIGTERM)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    timer = threading.Timer(10, lambda: _killpg_quietly(proc.pid))
-    timer.start()
-    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
-    finally:
-        timer.cancel()
 
 
-def _killpg_quietly(pid: int) -> None:
+def _signal_group(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass

@@ -156,7 +156,9 @@ def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: 
 
 
 def plan_for(cfg: PipelineConfig) -> Plan:
-    return make_plan(cfg.base_train, cfg.tok_train.vocab_size, cfg.download.num_shards, cfg.plan)
+    """The plan of `cfg` on the processes base_train will get (devices_per_node when its own is unset)."""
+    train = cfg.base_train.model_copy(update={"nproc_per_node": cfg.nproc("base_train") or 1})
+    return make_plan(train, cfg.tok_train.vocab_size, cfg.download.num_shards, cfg.plan)
 
 
 def _human(n: float) -> str:

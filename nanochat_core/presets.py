@@ -5,16 +5,20 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Any, Callable
+
+from pydantic import BeforeValidator
 
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig
 from nanochat_core.errors import UserError
 
 
-def _derive(base: PipelineConfig, name: str, **stages: dict) -> PipelineConfig:
+def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None, **stages: dict) -> PipelineConfig:
     """`base` with the given per-stage field updates, validated, renamed to `name`."""
     data = base.model_dump()
     data["preset"] = name
+    if devices_per_node is not None:
+        data["devices_per_node"] = devices_per_node
     for stage, fields in stages.items():
         data[stage].update(fields)
     return PipelineConfig.model_validate(data)
@@ -22,7 +26,7 @@ def _derive(base: PipelineConfig, name: str, **stages: dict) -> PipelineConfig:
 
 def d20() -> PipelineConfig:
     """The $100 speedrun: 561M parameters, 11.2B tokens, 8×H100 for ~4 hours."""
-    return _derive(PipelineConfig(), "d20", base_train={"nproc_per_node": 8})
+    return _derive(PipelineConfig(devices_per_node=8), "d20")
 
 
 def d26() -> PipelineConfig:
@@ -42,7 +46,7 @@ def d32() -> PipelineConfig:
 def d12() -> PipelineConfig:
     """One GPU: d20's total batch kept through gradient accumulation (8 steps at device batch 32)."""
     return _derive(
-        d20(), "d12", download={"num_shards": 60}, base_train={"depth": 12, "nproc_per_node": 1}
+        d20(), "d12", devices_per_node=1, download={"num_shards": 60}, base_train={"depth": 12}
     )
 
 
@@ -51,6 +55,7 @@ def d4_cpu() -> PipelineConfig:
     return _derive(
         d20(),
         "d4-cpu",
+        devices_per_node=1,  # the CPU is one device: each torch stage is one process with all cores
         download={"num_shards": 8, "source": SAMPLE_SOURCE},
         tok_train={"vocab_size": 8192, "max_chars": 50_000_000},
         base_train={
@@ -61,7 +66,6 @@ def d4_cpu() -> PipelineConfig:
             "device_batch_size": 1,
             "total_batch_size": 4096,
             "num_iterations": 100,
-            "nproc_per_node": 1,
             "eval_every": 50,
             "eval_tokens": 65_536,
             "sample_every": -1,
@@ -88,6 +92,7 @@ def tiny() -> PipelineConfig:
     return _derive(
         d20(),
         "tiny",
+        devices_per_node=1,  # the CPU is one device: each torch stage is one process with all cores
         corpus={"tiers": ["lit"]},
         download={"num_shards": 4, "source": SAMPLE_SOURCE},
         tok_train={"vocab_size": 4096, "max_chars": 5_000_000},
@@ -100,7 +105,6 @@ def tiny() -> PipelineConfig:
             "device_batch_size": 8,
             "total_batch_size": 4096,
             "num_iterations": 60,
-            "nproc_per_node": 1,
             "eval_every": 30,
             "eval_tokens": 16_384,
             "sample_every": -1,
@@ -140,3 +144,22 @@ def get_preset(name: str) -> PipelineConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def from_parameters(value: Any) -> Any:
+    """A config given as data (a flow parameter in the UI, `--param cfg=...`, prefect.yaml) that names a
+    preset is that preset with the given fields over it: `{"preset": "d12", "base_train": {"depth": 10}}`
+    is d12 at depth 10. Without a `preset` key the declared defaults apply, as for any pydantic model."""
+    if not isinstance(value, dict) or "preset" not in value:
+        return value
+    name = value["preset"]
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    data = PRESETS[name]().model_dump()
+    for key, given in value.items():
+        data[key] = {**data[key], **given} if isinstance(given, dict) and isinstance(data.get(key), dict) else given
+    return data
+
+
+# The flow's parameter type: a PipelineConfig whose `preset` field, when given, selects the preset.
+PresetConfig = Annotated[PipelineConfig, BeforeValidator(from_parameters)]

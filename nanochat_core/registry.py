@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# What a stage occupies while it runs. "node": every accelerator of the node (all CPU cores when it
-# runs on CPU), so two such stages never run at once on one node; "none": light I/O stages.
-Devices = Literal["node", "none"]
+# What a stage occupies while it runs. "node": every accelerator of the node (all its CPU cores when the
+# node has none): torch stages. "cores": the CPU cores (the Rust trainer, text conversion), which only
+# collide with torch stages on a CPU node; "none": light I/O stages. The flow never runs two stages that
+# occupy the same devices at once (flows/tasks.device_tags).
+Devices = Literal["node", "cores", "none"]
 
 
 @dataclass(frozen=True)
@@ -49,18 +51,18 @@ class Stage:
 # In DAG order: the report and the speedrun summary list stages in this order.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("corpus", "corpus build", "build the sample pretraining corpus from packaged text",
-          reads=("corpus",), out="sample_corpus"),
+          reads=("corpus",), out="sample_corpus", devices="cores"),
     Stage("download", "download", "fetch pretraining shards + the val shard into base_data",
           reads=("download",), out="base_data", inputs=("corpus",), optional=("corpus",)),
     Stage("tok_train", "tok-train", "train the BPE tokenizer (Rust) on the first shards",
-          reads=("tok_train",), out="tokenizer", inputs=("shards",)),
+          reads=("tok_train",), out="tokenizer", inputs=("shards",), devices="cores"),
     Stage("tok_eval", "tok-eval", "bytes/token of the tokenizer on held-out text vs GPT-2/GPT-4",
-          reads=("tok_eval",), out="tok_eval", inputs=("tokenizer", "shards"), skippable=True),
+          reads=("tok_eval",), out="tok_eval", inputs=("tokenizer", "shards"), devices="cores", skippable=True),
     Stage("base_train", "base-train", "pretrain the base model (torchrun for N processes)",
           reads=("base_train", "plan", "preset"), out="base_checkpoints/d{depth}", inputs=("tokenizer", "shards"),
           resumable=True, family="base", devices="node"),
     Stage("eval_bundle", "eval-bundle build", "build or download the CORE eval bundle",
-          reads=("eval_bundle",), out="eval_bundle", skippable=True),
+          reads=("eval_bundle",), out="eval_bundle", devices="cores", skippable=True),
     Stage("base_eval", "base-eval", "bits per byte on train/val shards, samples and CORE of a base model",
           reads=("base_eval", "core"), out="base_eval/d{depth}", inputs=("model", "tokenizer", "shards", "eval_bundle"),
           optional=("eval_bundle",), starts_from="base", devices="node", skippable=True),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 # The stages of the tiny speedrun, as the summary table names them, in order.
-EXPECTED = ["corpus", "download[:4]", "tok_train", "tok_eval", "base_train", "eval_bundle", "base_eval", "mid_train",
+EXPECTED = ["corpus", "download[:3]", "download", "tok_train", "tok_eval", "base_train", "eval_bundle", "base_eval", "mid_train",
             "chat_sft", "chat_rl", "chat_eval[mid]", "chat_eval[sft]", "chat_eval[rl]", "report"]
 
 

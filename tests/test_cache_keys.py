@@ -42,6 +42,13 @@ def test_a_stage_alone_reads_the_inputs_the_flow_handed_it(first_run, config_rea
             cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": family})})
         alone = resolve(stage, cfg)
         assert {k: r["path"] for k, r in alone.items()} == {k: r["path"] for k, r in handed.items()}, stage
-        assert {k: r.get("digest") for k, r in alone.items()} == {k: r.get("digest") for k, r in handed.items()}, stage
+        for name in handed:
+            if name == "shards" and stage in ("tok_train", "tok_eval"):
+                # The flow hands the tokenizer the first shards while the rest download; alone it gets the
+                # directory's full list, which starts with those same shards (and reads them in order).
+                first, full = sorted(handed[name]["manifest"]), sorted(alone[name]["manifest"])
+                assert full[:len(first) - 1] == first[:-1] and full[-1] == first[-1], stage  # + the same val
+            else:
+                assert alone[name].get("digest") == handed[name].get("digest"), (stage, name)
         checked.add(stage)
     assert checked == set(STAGES) - {"report"}

@@ -57,6 +57,36 @@ def stop(proc: subprocess.Popen, signals: int = 1) -> None:
         proc.wait()
 
 
+def wait_for(probe, timeout: float, every: float = 0.2):
+    """probe()'s first truthy value within `timeout` seconds, else None."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+def run_processes(flow_run_id: str) -> list[tuple[int, bytes]]:
+    """(pid, command line) of every process on the machine that belongs to that flow run: the flow-run
+    process and all it started carry PREFECT__FLOW_RUN_ID in their environment, even when re-parented."""
+    mark = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found.append((int(entry), f.read().replace(b"\0", b" ")))
+        except OSError:
+            continue
+    return found
+
+
 def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
     base = first_run[0]
     port = free_port()
@@ -99,6 +129,24 @@ def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
         logs = prefect("flow-run", "logs", flow_run_id, "--num-logs", "200").stdout
         # every stage was cached from the session's speedrun; the flow logs where the report is
         assert "Finished in state Cached" in logs and "report.md" in logs
+
+        # Cancel a run while a stage works quietly (base_eval scoring CORE): every process of the run,
+        # torchrun's or not, is gone within 30 s, and the run ends Cancelled.
+        started = prefect("deployment", "run", "nanochat/smoke", "--param", 'refresh=["base_eval"]')
+        cancelled_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+        stage = wait_for(lambda: [p for p in run_processes(cancelled_id) if b"nanochat_core.stages.base_eval" in p[1]],
+                         timeout=300)
+        assert stage, "base_eval never started"
+        time.sleep(2)
+        prefect("flow-run", "cancel", cancelled_id)
+        cancelled_at = time.time()
+        assert wait_for(lambda: not run_processes(cancelled_id), timeout=30), \
+            f"left running 30 s after the cancel: {[p[1][:120] for p in run_processes(cancelled_id)]}"
+        gone_after = time.time() - cancelled_at
+        state = wait_for(lambda: (lambda s: s if "CANCELLED" in s else None)(
+            prefect("flow-run", "inspect", cancelled_id).stdout), timeout=60)
+        assert state, prefect("flow-run", "inspect", cancelled_id).stdout[-2000:]
+        print(f"cancelled run's processes gone {gone_after:.1f}s after `prefect flow-run cancel`")
     finally:
         if worker is not None:
             stop(worker, signals=2)

@@ -2,14 +2,17 @@
 
 Python imports `sitecustomize` at start-up; in a process started as `python -m nanochat_core.stages.<stage>`
 (directly or as a torchrun rank) this wraps attribute access on the config models and, at exit, writes
-`$NANOCHAT_CONFIG_AUDIT/<stage>-<pid>.json`: the `section.field` names read, and the inputs the
-launcher handed over. Any other process is left alone. tests/test_cache_keys.py reads the records.
+`$NANOCHAT_CONFIG_AUDIT/<stage>-<pid>.json`: the `section.field` names read, the inputs the
+launcher handed over, and when the process started and ended (wall clock). Any other process is left alone. tests/test_cache_keys.py reads the records.
 """
 
 import atexit
 import json
 import os
 import sys
+import time
+
+STARTED = time.time()
 
 
 def _stage() -> str | None:
@@ -44,7 +47,8 @@ def _install(stage: str, out_dir: str) -> None:
     def dump() -> None:
         inputs_path = os.environ.get("NANOCHAT_INPUTS_PATH")
         inputs = json.load(open(inputs_path)) if inputs_path and os.path.exists(inputs_path) else None
-        record = {"stage": stage, "argv": sys.orig_argv, "read": sorted(read), "inputs": inputs}
+        record = {"stage": stage, "argv": sys.orig_argv, "read": sorted(read), "inputs": inputs,
+                  "started": STARTED, "ended": time.time()}
         with open(os.path.join(out_dir, f"{stage}-{os.getpid()}.json"), "w") as f:
             json.dump(record, f)
 

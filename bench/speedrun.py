@@ -58,7 +58,7 @@ def standalone_commands(preset: str) -> dict[str, list[str]]:
         base = [*NANOCHAT, *stage.command.split(), "--preset", preset]
         if stage.name == "chat_eval":
             for family in list(FAMILIES)[1:]:
-                commands[f"chat_eval[{family}]"] = [*base, "--model-source", family]
+                commands[f"chat_eval[{family}]"] = [*base, "--source", family]
         elif stage.name == "base_eval":
             commands["base_eval"] = [*base, "--core"]  # the flow scores CORE when the bundle is there
         else:

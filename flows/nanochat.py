@@ -57,7 +57,7 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
     refs: dict[str, Any] = {}
     try:
         # The sample corpus (embedded default) is built first; download then reads it like any source.
-        corpus = submit("corpus", {}) if cfg.download.source == SAMPLE_SOURCE else None
+        corpus = submit("corpus", {}) if cfg.download.url_template == SAMPLE_SOURCE else None
         # Shards the tokenizer trains on come first; the rest keep downloading while it trains
         # (speedrun.sh's `&`): d20 trains on ceil(2e9 / 250e6) = 8 of its 240 shards.
         shard_chars = cfg.corpus.shard_chars if corpus else cfg.plan.chars_per_shard
@@ -77,7 +77,7 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         mid = submit("mid_train", {"model": model})
         sft = submit("chat_sft", {"model": mid})
         rl = submit("chat_rl", {"model": sft})
-        evals = {f"{family}_eval": submit("chat_eval", {"model": trained}, _with(cfg, "chat_eval", model_source=family),
+        evals = {f"{family}_eval": submit("chat_eval", {"model": trained}, _with(cfg, "chat_eval", source=family),
                                           name=f"chat_eval[{family}]")
                  for family, trained in (("mid", mid), ("sft", sft), ("rl", rl)) if trained is not None}
         futures = {"corpus": corpus, "download": shards, "tok_train": tokenizer, "tok_eval": tok_eval,

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat_core.config import CommandParser, set_dotted, stage_names
+from nanochat_core.config import stage_names
 from nanochat_core.data.packages import cache_root
 from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.flags import CommandParser, set_dotted
 from nanochat_core.paths import base_dir
 from nanochat_core.presets import PRESETS, get_preset
 

@@ -24,7 +24,9 @@ import torch
 
 from nanochat_core import storage
 from nanochat_core.errors import UserError
+from nanochat_core.model.gpt import GPTConfig, build_model
 from nanochat_core.paths import join
+from nanochat_core.tokenizer import Tokenizer
 
 META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 
@@ -144,8 +146,6 @@ def load_model(source: str, step: int | None = None, device: str | torch.device 
     The model is rebuilt from the config in the meta file, so callers need not know its depth.
     The tokenizer is the one the run trained with, when it is still where the meta says.
     """
-    from nanochat_core.model.gpt import GPTConfig, build_model
-
     if step is None:
         step = latest_step(source)
         if step is None:
@@ -165,7 +165,5 @@ def load_model(source: str, step: int | None = None, device: str | torch.device 
     tokenizer = None
     tok_dir = meta.get("tokenizer_dir")
     if tok_dir and storage.exists(join(tok_dir, "tokenizer.pkl")):
-        from nanochat_core.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(tok_dir)
     return model, tokenizer, meta

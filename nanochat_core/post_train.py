@@ -18,13 +18,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as tdist
 
 from nanochat_core import artifacts, dist, storage
 from nanochat_core.checkpoint import latest_step, load_model, move_aside, save_checkpoint
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError
+from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.paths import join
 from nanochat_core.registry import FAMILIES, STAGES
+from nanochat_core.tasks import TaskMixture, build_task
+
 
 def load_start(stage: str, source: str, step: int | None, device):
     """(model in eval mode, tokenizer, meta) from the checkpoint directory `stage` starts from."""
@@ -59,15 +63,11 @@ class StageRun:
 
 def make_optimizers(model, sc):
     """base_train's Muon + AdamW pair with every learning rate scaled by `init_lr_frac`."""
-    from nanochat_core.model.optim import Optimizers
-
     f = sc.init_lr_frac
     return Optimizers(model, sc.embedding_lr * f, sc.unembedding_lr * f, sc.matrix_lr * f, 0.0)
 
 
 def build_mixture(specs: list[str], seed: int, words_path: str | None = None):
-    from nanochat_core.tasks import TaskMixture, build_task
-
     if not specs:
         raise UserError("the task mixture is empty; pass --tasks with at least one task spec")
     return TaskMixture([build_task(s, seed=seed, words_path=words_path) for s in specs], seed=seed)
@@ -97,8 +97,6 @@ def sft_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> t
 
 def all_reduce_min(value: int, device) -> int:
     """The smallest `value` across ranks (every rank must run the same number of steps)."""
-    import torch.distributed as tdist
-
     if tdist.is_available() and tdist.is_initialized():
         t = torch.tensor([value], dtype=torch.long, device=device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
@@ -130,7 +128,7 @@ def save(ckpt_dir: str, step: int, rt: dist.Runtime, model, opt, meta: dict) -> 
 def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: PipelineConfig, stage_cfg) -> dict:
     return {
         "stage": stage, "step": step, "model_config": model.config.to_dict(), "user_config": stage_cfg.model_dump(),
-        "preset": cfg.preset, "source": source, "source_step": start_meta.get("step"),
+        "preset": cfg.preset, "started_from": source, "started_from_step": start_meta.get("step"),
         "tokenizer_dir": start_meta.get("tokenizer_dir"), "time": time.time(),
     }
 
@@ -170,8 +168,6 @@ def train_loop(ctx: StageRun, model, opt, next_batch, num_iterations: int, accum
     """The optimizer loop mid and SFT share: `accum` micro-batches per step, each micro-batch's loss
     the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
     `evaluate(step)` runs every `eval_every` steps and at the end; returns the loop's figures."""
-    from nanochat_core.model.optim import lr_multiplier, muon_momentum
-
     rt, say, metrics, autocast, stage = ctx.rt, ctx.say, ctx.metrics, ctx.autocast, ctx.label
     N = num_iterations
     stats = {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}

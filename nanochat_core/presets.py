@@ -9,16 +9,22 @@ from typing import Annotated, Any, Callable
 
 from pydantic import BeforeValidator
 
-from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig
+from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, TorchStageConfig
 from nanochat_core.errors import UserError
 
 
-def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None, **stages: dict) -> PipelineConfig:
-    """`base` with the given per-stage field updates, validated, renamed to `name`."""
+def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None, device_type: str | None = None,
+            **stages: dict) -> PipelineConfig:
+    """`base` with the given per-stage field updates, validated, renamed to `name`; `device_type` goes to
+    every torch stage's section at once."""
     data = base.model_dump()
     data["preset"] = name
     if devices_per_node is not None:
         data["devices_per_node"] = devices_per_node
+    if device_type is not None:
+        for section, field in PipelineConfig.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, TorchStageConfig):
+                data[section]["device_type"] = device_type
     for stage, fields in stages.items():
         data[stage].update(fields)
     return PipelineConfig.model_validate(data)
@@ -56,7 +62,8 @@ def d4_cpu() -> PipelineConfig:
         d20(),
         "d4-cpu",
         devices_per_node=1,  # the CPU is one device: each torch stage is one process with all cores
-        download={"num_shards": 8, "source": SAMPLE_SOURCE},
+        device_type="cpu",
+        download={"num_shards": 8, "url_template": SAMPLE_SOURCE},
         tok_train={"vocab_size": 8192, "max_chars": 50_000_000},
         base_train={
             "depth": 4,
@@ -69,21 +76,19 @@ def d4_cpu() -> PipelineConfig:
             "eval_every": 50,
             "eval_tokens": 65_536,
             "sample_every": -1,
-            "device_type": "cpu",
         },
-        base_eval={"split_tokens": 65_536, "device_batch_size": 8, "device_type": "cpu"},
+        base_eval={"split_tokens": 65_536, "device_batch_size": 8},
         plan={"gpu": "cpu"},
-        eval_bundle={"source": "packages"},
+        eval_bundle={"method": "packages"},
         core={"max_per_task": 100},
         mid_train={"tasks": ["chatterbot", "identity", "identity", "math:4000", "spelling:3000", "spellingbee:1500"],
                    "max_seq_len": 512, "device_batch_size": 4, "total_batch_size": 4096, "val_examples": 100,
-                   "eval_every": -1, "device_type": "cpu"},
+                   "eval_every": -1},
         chat_sft={"tasks": ["chatterbot:1000", "identity", "math:1000", "spelling:300", "spellingbee:300"],
-                  "max_seq_len": 512, "examples_per_step": 16, "val_examples": 64, "eval_every": -1,
-                  "device_type": "cpu"},
+                  "max_seq_len": 512, "examples_per_step": 16, "val_examples": 64, "eval_every": -1},
         chat_rl={"tasks": ["math:2000"], "examples_per_step": 4, "num_samples": 8, "max_new_tokens": 128,
-                 "num_iterations": 20, "eval_every": -1, "eval_examples": 50, "device_type": "cpu"},
-        chat_eval={"max_problems": 100, "max_new_tokens": 256, "device_type": "cpu"},
+                 "num_iterations": 20, "eval_every": -1, "eval_examples": 50},
+        chat_eval={"max_problems": 100, "max_new_tokens": 256},
     )
 
 
@@ -93,8 +98,9 @@ def tiny() -> PipelineConfig:
         d20(),
         "tiny",
         devices_per_node=1,  # the CPU is one device: each torch stage is one process with all cores
+        device_type="cpu",
         corpus={"tiers": ["lit"]},
-        download={"num_shards": 4, "source": SAMPLE_SOURCE},
+        download={"num_shards": 4, "url_template": SAMPLE_SOURCE},
         tok_train={"vocab_size": 4096, "max_chars": 5_000_000},
         tok_eval={"max_docs": 200},
         base_train={
@@ -108,24 +114,23 @@ def tiny() -> PipelineConfig:
             "eval_every": 30,
             "eval_tokens": 16_384,
             "sample_every": -1,
-            "device_type": "cpu",
             # 60 small steps: compiling (~30 s on 2 busy cores) costs more than it saves here.
             "compile": False,
         },
-        base_eval={"split_tokens": 16_384, "device_batch_size": 8, "device_type": "cpu"},
+        base_eval={"split_tokens": 16_384, "device_batch_size": 8},
         plan={"gpu": "cpu"},
-        eval_bundle={"source": "packages"},
+        eval_bundle={"method": "packages"},
         core={"max_per_task": 20},
         # Post-training at smoke-test size: each stage well under a minute on 2 cores, offline data only.
         mid_train={"tasks": ["chatterbot:300", "identity", "identity", "math:200", "spelling:150", "spellingbee:80"],
                    "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 4096, "val_examples": 40,
-                   "eval_every": -1, "device_type": "cpu"},
+                   "eval_every": -1},
         chat_sft={"tasks": ["chatterbot:200", "identity", "math:200", "spelling:100", "spellingbee:100"],
                   "max_seq_len": 256, "examples_per_step": 16, "num_iterations": 20, "val_examples": 32,
-                  "eval_every": -1, "device_type": "cpu"},
+                  "eval_every": -1},
         chat_rl={"tasks": ["math:64"], "examples_per_step": 2, "num_samples": 4, "max_new_tokens": 48,
-                 "num_iterations": 4, "eval_every": -1, "eval_examples": 8, "device_type": "cpu"},
-        chat_eval={"max_problems": 16, "max_new_tokens": 48, "device_type": "cpu"},
+                 "num_iterations": 4, "eval_every": -1, "eval_examples": 8},
+        chat_eval={"max_problems": 16, "max_new_tokens": 48},
     )
 
 

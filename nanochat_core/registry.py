@@ -75,7 +75,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("chat_rl", "rl", "reinforcement learning on math word problems (pass@k logged)",
           reads=("chat_rl", "preset"), out="chatrl_checkpoints/d{depth}", inputs=("model",),
           family="rl", starts_from="sft", devices="node", skippable=True),
-    # One run per trained family (chat_eval[mid], [sft], [rl]); its config's model_source names which.
+    # One run per trained family (chat_eval[mid], [sft], [rl]); its config's `source` names which.
     Stage("chat_eval", "chat-eval", "ARC, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE",
           reads=("chat_eval",), out="chat_eval/{source}", inputs=("model",), devices="node", skippable=True),
     # Gathers every other stage's ref; run by hand it finds their result.json files under the base dir.

@@ -17,7 +17,8 @@ import json
 from typing import Any
 
 from nanochat_core import artifacts, storage
-from nanochat_core.config import PipelineConfig, add_config_flags, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
+from nanochat_core.flags import add_config_flags, config_from_args, stage_parser
 from nanochat_core.paths import join, output_dir
 from nanochat_core.registry import FAMILIES, STAGES
 
@@ -64,8 +65,8 @@ def resolve(stage: str, cfg: PipelineConfig, given: dict[str, str] | None = None
 
 def default_input(stage: str, name: str, cfg: PipelineConfig) -> str:
     if name == "model":
-        # Which family a stage starts from is in its record; chat_eval's is its config's model_source.
-        family = STAGES[stage].starts_from or cfg.chat_eval.model_source
+        # Which family a stage starts from is in its record; chat_eval's is its config's source.
+        family = STAGES[stage].starts_from or cfg.chat_eval.source
         return output_dir(FAMILIES[family].name, cfg, depth=cfg.base_train.depth)
     return output_dir(UPSTREAM[name], cfg)
 

@@ -39,7 +39,7 @@ def test_a_stage_alone_reads_the_inputs_the_flow_handed_it(first_run, config_rea
         cfg = tiny()
         if stage == "chat_eval":  # which family it scored: the stage that wrote its model
             family = next(f for f, s in FAMILIES.items() if s.name == handed["model"]["stage"])
-            cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": family})})
+            cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"source": family})})
         alone = resolve(stage, cfg)
         assert {k: r["path"] for k, r in alone.items()} == {k: r["path"] for k, r in handed.items()}, stage
         for name in handed:

@@ -67,18 +67,18 @@ def test_mid_sft_rl_chat_eval_in_process(_isolated_base_dir):
         assert saved["digest"] == ref["digest"]
         model, tokenizer, meta = load_model(ref["path"])
         assert tokenizer is not None and meta["stage"] == stage and model.config.n_layer == 2
-    assert refs["chat_sft"]["source"] == refs["mid_train"]["path"]
-    assert refs["chat_rl"]["source"] == refs["chat_sft"]["path"]
+    assert refs["chat_sft"]["started_from"] == refs["mid_train"]["path"]
+    assert refs["chat_rl"]["started_from"] == refs["chat_sft"]["path"]
     assert os.path.basename(os.path.dirname(refs["chat_rl"]["path"])) == "chatrl_checkpoints"
     assert "GSM8K pass@2" in refs["chat_rl"]
     metrics = [json.loads(line) for line in open(join(refs["chat_sft"]["path"], "metrics.jsonl"))]
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3] and "val/loss" in metrics[-1]
 
     for source in ("mid", "rl"):
-        ev_cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": source})})
+        ev_cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"source": source})})
         ref = run_alone(chat_eval, ev_cfg)
         refs[ref["stage"]] = ref
-        assert ref["stage"] == f"{source}_eval" and ref["model_source"] == source
+        assert ref["stage"] == f"{source}_eval" and ref["source"] == source
         for key in SUMMARY_KEYS:
             assert 0.0 <= ref[key] <= 1.0 or key == "ChatCORE"
         assert ref["problems"] == 12
@@ -138,7 +138,7 @@ def test_post_training_under_torchrun_with_two_processes(_isolated_base_dir, tmp
     base = str(_isolated_base_dir)
     make_base(base)
     cfg = small_config()
-    cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": "mid", "max_problems": 4})})
+    cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"source": "mid", "max_problems": 4})})
     path = tmp_path / "cfg.json"
     path.write_text(cfg.model_dump_json())
     env = {**os.environ, "NANOCHAT_BASE_DIR": base, "OMP_NUM_THREADS": "1"}
@@ -150,4 +150,4 @@ def test_post_training_under_torchrun_with_two_processes(_isolated_base_dir, tmp
     result = json.loads(open(join(base, "chat_eval", "mid", "result.json")).read())
     assert result["problems"] == 24 and result["stage"] == "mid_eval"
     rl = json.loads(open(join(base, "chatrl_checkpoints", "d2", "result.json")).read())
-    assert rl["step"] == 2 and rl["source"] == join(base, "chatsft_checkpoints", "d2")
+    assert rl["step"] == 2 and rl["started_from"] == join(base, "chatsft_checkpoints", "d2")

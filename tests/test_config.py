@@ -4,15 +4,8 @@ import json
 
 import pytest
 
-from nanochat_core.config import (
-    BaseTrainConfig,
-    PipelineConfig,
-    config_from_args,
-    flatten,
-    load_json,
-    set_dotted,
-    stage_parser,
-)
+from nanochat_core.config import BaseTrainConfig, PipelineConfig, flatten
+from nanochat_core.flags import config_from_args, load_json, set_dotted, stage_parser
 from nanochat_core.errors import UserError
 from nanochat_core.presets import PRESETS, get_preset
 
@@ -80,7 +73,7 @@ def test_flatten_gives_dotted_mlflow_params():
 def test_set_dotted():
     cfg = set_dotted(get_preset("tiny"), "base_train.depth=3")
     assert cfg.base_train.depth == 3
-    assert set_dotted(cfg, "download.source=s3://b/shard_{index:05d}.parquet").download.source.startswith("s3://")
+    assert set_dotted(cfg, "download.url_template=s3://b/shard_{index:05d}.parquet").download.url_template.startswith("s3://")
     for bad in ["base_train.depth", "nope.depth=1", "base_train.nope=1", "base_train.depth=-1"]:
         with pytest.raises(UserError):
             set_dotted(cfg, bad)

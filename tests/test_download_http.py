@@ -53,7 +53,7 @@ def test_http_download_with_transient_503s(served, monkeypatch):
     # fsspec's http stat tries HEAD then GET; 5 failures outlast that, so our retry loop must act.
     val = len(served["urls"]) - 1
     served["server"].fail_first = {shard_name(0): 5, shard_name(val): 1}
-    download_stage.main(["-n", "2", "--source", served["template"], "--val-index", str(val), "--workers", "2"])
+    download_stage.main(["-n", "2", "--url-template", served["template"], "--val-index", str(val), "--workers", "2"])
     assert served["server"].failures == 6 and not any(served["server"].fail_first.values())
     assert result()["fetched"] == 3
     for index in (0, 1, val):
@@ -62,13 +62,13 @@ def test_http_download_with_transient_503s(served, monkeypatch):
 
 def test_http_needs_val_index(served, capsys):
     with pytest.raises(SystemExit):
-        download_stage.main(["-n", "2", "--source", served["template"]])
+        download_stage.main(["-n", "2", "--url-template", served["template"]])
     assert "pass --val-index" in capsys.readouterr().err
 
 
 def test_missing_url_is_one_clear_error(served, capsys):
     with pytest.raises(SystemExit) as exc:
-        download_stage.main(["-n", "1", "--source", served["server"].url + "/nope/shard_{index:05d}.parquet",
+        download_stage.main(["-n", "1", "--url-template", served["server"].url + "/nope/shard_{index:05d}.parquet",
                              "--val-index", "3"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -85,7 +85,7 @@ def test_killed_mid_download_then_rerun_completes(served, tmp_path):
     base = tmp_path / "base"
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
     cmd = [sys.executable, "-m", "nanochat_core.stages.download", "-n", "4", "--workers", "1",
-           "--source", served["template"], "--val-index", str(val)]
+           "--url-template", served["template"], "--val-index", str(val)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = base / "base_data"
     deadline = time.monotonic() + 60
@@ -124,10 +124,10 @@ def test_local_source_checks_the_corpus_manifest(tmp_path, monkeypatch, capsys):
     entries[1]["sha256"] = "0" * 64
     storage.write_text(str(root / "manifest.json"), json.dumps({"shards": entries}))
 
-    download_stage.main(["-n", "1", "--source", str(root)])  # shard 0 and val match their checksums
+    download_stage.main(["-n", "1", "--url-template", str(root)])  # shard 0 and val match their checksums
     assert list_shards(data_dir()).val.endswith(shard_name(len(urls) - 1))
     with pytest.raises(SystemExit):
-        download_stage.main(["-n", "2", "--source", str(root)])
+        download_stage.main(["-n", "2", "--url-template", str(root)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "shard_00001.parquet failed after" in err and "does not match" in err
     assert not os.path.exists(os.path.join(data_dir(), shard_name(1)))
@@ -148,7 +148,7 @@ def test_sample_source_reads_the_corpus_through_file_urls(tmp_path):
         {"shards": [{"index": i, "sha256": storage.sha256(u)} for i, u in enumerate(urls)]}))
     download_stage.main(["--preset", "tiny", "--corpus", str(corpus), "-n", "2"])
     res = result()
-    assert res["source"] == f"file://{corpus}/shard_{{index:05d}}.parquet"
+    assert res["url_template"] == f"file://{corpus}/shard_{{index:05d}}.parquet"
     assert res["val_index"] == len(urls) - 1 and res["fetched"] == 3
     shards = list_shards(data_dir())
     assert [pq.read_table(u).column("text").to_pylist() for u in shards.train] == [
@@ -159,7 +159,7 @@ def test_too_many_shards_for_the_source(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     urls = write_shards(make_docs(1000, seed=2), str(corpus), shard_chars=100_000)
     with pytest.raises(SystemExit):
-        download_stage.main(["--source", str(corpus), "-n", str(len(urls) + 3)])
+        download_stage.main(["--url-template", str(corpus), "-n", str(len(urls) + 3)])
     assert f"reaches the val shard (index {len(urls) - 1})" in capsys.readouterr().err
 
 
@@ -186,7 +186,7 @@ def test_etags_are_checked_but_an_opaque_one_does_not_block(served, monkeypatch)
     val = len(served["urls"]) - 1
     md5 = hashlib.md5(open(served["urls"][0], "rb").read()).hexdigest()
     served["server"].etags = {shard_name(0): md5, shard_name(1): "0123456789abcdef" * 2}
-    download_stage.main(["-n", "2", "--source", served["template"], "--val-index", str(val), "--workers", "1"])
+    download_stage.main(["-n", "2", "--url-template", served["template"], "--val-index", str(val), "--workers", "1"])
     gets = served["server"].requests
     first_gets = [r for r in gets if r.startswith("GET") and r.endswith(shard_name(0))]
     opaque_gets = [r for r in gets if r.startswith("GET") and r.endswith(shard_name(1))]
@@ -199,8 +199,8 @@ def test_switching_sources_never_mixes_their_shards(tmp_path):
     a = write_shards(make_docs(3000, seed=11), str(tmp_path / "a"), shard_chars=100_000)
     b = write_shards(make_docs(1500, seed=12), str(tmp_path / "b"), shard_chars=100_000)
     assert len(a) > len(b)
-    download_stage.main(["-n", "2", "--source", str(tmp_path / "a")])
-    download_stage.main(["-n", "2", "--source", str(tmp_path / "b")])
+    download_stage.main(["-n", "2", "--url-template", str(tmp_path / "a")])
+    download_stage.main(["-n", "2", "--url-template", str(tmp_path / "b")])
     shards = list_shards(data_dir())
     assert shards.val.endswith(shard_name(len(b) - 1))  # a's higher val shard is gone
     for url, src in zip(shards.train + [shards.val], b[:2] + [b[-1]]):
@@ -215,11 +215,11 @@ def test_a_failed_run_still_records_what_arrived(served, monkeypatch):
     val = len(served["urls"]) - 1
     served["server"].fail_first = {shard_name(2): 10_000}
     with pytest.raises(SystemExit):
-        download_stage.main(["-n", "3", "--source", served["template"], "--val-index", str(val), "--workers", "1"])
+        download_stage.main(["-n", "3", "--url-template", served["template"], "--val-index", str(val), "--workers", "1"])
     manifest = json.loads(open(os.path.join(data_dir(), "manifest.json")).read())
     assert {e["index"] for e in manifest["shards"]} >= {0, 1} and 2 not in {e["index"] for e in manifest["shards"]}
     served["server"].fail_first = {}
-    download_stage.main(["-n", "3", "--source", served["template"], "--val-index", str(val)])
+    download_stage.main(["-n", "3", "--url-template", served["template"], "--val-index", str(val)])
     assert result()["fetched"] == 1 and result()["skipped"] == 3  # only shard 2 was missing
 
 

@@ -92,7 +92,7 @@ def test_failed_write_publishes_nothing_on_s3(s3):
 
 
 def test_download_from_s3_fetches_and_verifies(s3):
-    result = run_download("-n", "3", "--source", TEMPLATE, "--workers", "3")
+    result = run_download("-n", "3", "--url-template", TEMPLATE, "--workers", "3")
     val_index = len(s3["urls"]) - 1
     assert result["val_index"] == val_index  # found by listing the bucket
     assert (result["fetched"], result["skipped"]) == (4, 0)
@@ -109,7 +109,7 @@ def test_download_from_s3_fetches_and_verifies(s3):
     assert [e["split"] for e in manifest["shards"]] == ["train"] * 3 + ["val"]
     assert all(e["rows"] > 0 and e["bytes"] > 0 and len(e["sha256"]) == 64 for e in manifest["shards"])
 
-    again = run_download("-n", "3", "--source", TEMPLATE)
+    again = run_download("-n", "3", "--url-template", TEMPLATE)
     assert (again["fetched"], again["skipped"]) == (0, 4)
     assert again["digest"] == result["digest"]
 
@@ -121,7 +121,7 @@ def test_server_errors_are_retried(s3, monkeypatch):
         # More consecutive failures than botocore's own retries absorb, so our retry loop must act.
         proxy.fail_first = {shard_name(1): 6, shard_name(2): 2}
         monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.01)
-        result = run_download("-n", "3", "--source", TEMPLATE, "--workers", "2")
+        result = run_download("-n", "3", "--url-template", TEMPLATE, "--workers", "2")
         assert proxy.failures == 8
         assert result["fetched"] == 4
         for index in (1, 2):
@@ -140,7 +140,7 @@ def test_persistent_server_errors_give_one_clear_error(s3, monkeypatch, capsys):
         monkeypatch.setattr("nanochat_core.data.download.RETRIES", 2)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would only add time
         with pytest.raises(SystemExit) as exc:
-            download_stage.main(["-n", "2", "--source", TEMPLATE])
+            download_stage.main(["-n", "2", "--url-template", TEMPLATE])
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
         assert err.startswith("error: fetching s3://shards/corpus/shard_00000.parquet failed after 2 attempts")
@@ -152,32 +152,32 @@ def test_persistent_server_errors_give_one_clear_error(s3, monkeypatch, capsys):
 
 
 def test_truncated_shard_is_refetched(s3):
-    run_download("-n", "2", "--source", TEMPLATE)
+    run_download("-n", "2", "--url-template", TEMPLATE)
     local = os.path.join(output_dir("download", None), shard_name(1))
     good = storage.sha256(local)
     with open(local, "r+b") as f:
         f.truncate(os.path.getsize(local) // 2)
-    result = run_download("-n", "2", "--source", TEMPLATE)
+    result = run_download("-n", "2", "--url-template", TEMPLATE)
     assert (result["fetched"], result["skipped"]) == (1, 2)
     assert storage.sha256(local) == good
 
 
 def test_shard_corrupted_without_manifest_is_refetched(s3):
-    run_download("-n", "2", "--source", TEMPLATE)
+    run_download("-n", "2", "--url-template", TEMPLATE)
     os.remove(os.path.join(output_dir("download", None), "manifest.json"))
     local = os.path.join(output_dir("download", None), shard_name(0))
     good = storage.sha256(local)
     with open(local, "r+b") as f:  # same size, different bytes: only the ETag (MD5) can tell
         f.seek(10)
         f.write(b"\x00" * 8)
-    result = run_download("-n", "2", "--source", TEMPLATE)
+    result = run_download("-n", "2", "--url-template", TEMPLATE)
     assert result["fetched"] == 1
     assert storage.sha256(local) == good
 
 
 def test_missing_bucket_is_one_clear_error(s3, capsys):
     with pytest.raises(SystemExit):
-        download_stage.main(["-n", "1", "--source", "s3://no-such-bucket/fineweb/shard_{index:05d}.parquet"])
+        download_stage.main(["-n", "1", "--url-template", "s3://no-such-bucket/fineweb/shard_{index:05d}.parquet"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: source s3://no-such-bucket/fineweb does not exist")
     assert "Traceback" not in err
@@ -185,13 +185,13 @@ def test_missing_bucket_is_one_clear_error(s3, capsys):
 
 def test_missing_object_is_one_clear_error(s3):
     with pytest.raises(UserError, match=r"s3://shards/corpus/shard_00500\.parquet does not exist"):
-        cfg, inputs = parse("download", ["--num-shards", "1", "--source", TEMPLATE, "--val-index", "500"])
+        cfg, inputs = parse("download", ["--num-shards", "1", "--url-template", TEMPLATE, "--val-index", "500"])
         download_stage.run(cfg, inputs, progress=False)
 
 
 def test_download_into_an_s3_base_dir(s3, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", f"s3://{BUCKET}/base")
-    result = run_download_remote("-n", "2", "--source", TEMPLATE)
+    result = run_download_remote("-n", "2", "--url-template", TEMPLATE)
     shards = list_shards(f"s3://{BUCKET}/base/base_data")
     assert len(shards.train) == 2 and shards.val.endswith(shard_name(len(s3["urls"]) - 1))
     assert storage.sha256(shards.train[1]) == storage.sha256(s3["urls"][1])

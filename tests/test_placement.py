@@ -99,7 +99,7 @@ def test_each_stage_in_the_flow_takes_about_its_standalone_time(first_run, tmp_p
         if stage not in TORCH_STAGES:
             continue
         argv = [sys.executable, "-m", "nanochat_core.cli", *STAGES[stage].command.split(), "--preset", "tiny"]
-        argv += {"chat_eval": ["--model-source", family.rstrip("]")], "base_eval": ["--core"]}.get(stage, [])
+        argv += {"chat_eval": ["--source", family.rstrip("]")], "base_eval": ["--core"]}.get(stage, [])
         t0 = time.perf_counter()
         alone = subprocess.run(argv, env=env, capture_output=True, text=True)
         standalone = time.perf_counter() - t0

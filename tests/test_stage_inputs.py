@@ -71,7 +71,7 @@ def test_run_alone_inputs_default_to_the_upstream_outputs(tmp_path):
     inputs = resolve("mid_train", cfg)
     assert inputs == {"model": {"path": join(base_dir(), "base_checkpoints", "d2")}}
     assert resolve("chat_sft", cfg)["model"]["path"] == join(base_dir(), "mid_checkpoints", "d2")
-    chat_eval_cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"model_source": "rl"})})
+    chat_eval_cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"source": "rl"})})
     assert resolve("chat_eval", chat_eval_cfg)["model"]["path"] == join(base_dir(), "chatrl_checkpoints", "d2")
     # An optional input that is not there is left out; a required one is named, to fail with its path.
     assert "eval_bundle" not in resolve("base_eval", cfg) and "corpus" not in resolve("download", cfg)

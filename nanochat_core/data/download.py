@@ -72,12 +72,12 @@ def find_val_index(template: str) -> int:
     try:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
-        raise UserError(f"source {parent} does not exist; check --source (bucket, prefix or path)") from None
+        raise UserError(f"source {parent} does not exist; check --url-template (bucket, prefix or path)") from None
     except PermissionError as e:
         raise UserError(f"source {parent} cannot be listed ({e}); check credentials or pass --val-index") from None
     indices = [int(m.group(1)) for n in names if (m := name_re.match(n.rstrip("/").rsplit("/", 1)[-1]))]
     if not indices:
-        raise UserError(f"no files matching {pattern} in {parent}; check --source")
+        raise UserError(f"no files matching {pattern} in {parent}; check --url-template")
     return max(indices)
 
 
@@ -217,7 +217,7 @@ def with_retries(what: str, fn: Callable[[], T], retries: int | None = None) -> 
     try:
         return retrying(fn)
     except FileNotFoundError:
-        raise UserError(f"{what} does not exist; check --source and --val-index") from None
+        raise UserError(f"{what} does not exist; check --url-template and --val-index") from None
     except PermissionError as e:
         raise UserError(f"{what} is not readable ({e}); check credentials or anonymous access") from None
     except UserError:

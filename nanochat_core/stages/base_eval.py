@@ -23,10 +23,17 @@ import torch
 from nanochat_core import artifacts, dist, hardware, storage
 from nanochat_core.checkpoint import latest_step, load_model, read_meta
 from nanochat_core.config import PipelineConfig
+from nanochat_core.data.loader import shard_loader, val_files
+from nanochat_core.data.shards import shards_of
 from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.evaluation import core_metrics, evaluate_core, format_core_csv
 from nanochat_core.evaluation.core import format_core_table
+from nanochat_core.model.bpb import evaluate_bpb
+from nanochat_core.model.gpt import GPTConfig, build_model
+from nanochat_core.model.samples import greedy_samples
 from nanochat_core.paths import join, output_dir
 from nanochat_core.stage_args import parse
+from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
@@ -35,12 +42,6 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 
 def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
-    from nanochat_core.data.loader import shard_loader, val_files
-    from nanochat_core.data.shards import shards_of
-    from nanochat_core.model.bpb import evaluate_bpb
-    from nanochat_core.model.samples import greedy_samples
-    from nanochat_core.tokenizer import Tokenizer, load_token_bytes
-
     ec = cfg.base_eval
     say = dist.Console(rt.master)
     source, tok_dir = inputs["model"]["path"], inputs["tokenizer"]["path"]
@@ -58,7 +59,7 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
     steps = max(1, ec.split_tokens // (B * T * rt.world))
     say(f"evaluating {source} step {meta['step']} on {steps * B * T * rt.world:,} tokens per split")
 
-    result: dict = {"path": out, "source": source, "step": meta["step"], "tokens_per_split": steps * B * T * rt.world}
+    result: dict = {"path": out, "checkpoint": source, "step": meta["step"], "tokens_per_split": steps * B * T * rt.world}
     for split, files in (("train", shards.train), ("val", val_files(shards.val, rt.world))):
         loader = shard_loader(files, tokenizer, B, T, rt.rank, rt.world, rt.device)
         bpb = evaluate_bpb(model, loader, steps, token_bytes, autocast)
@@ -72,8 +73,6 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
             say(f"sample: {text!r}")
     result["samples"] = samples
     if ec.core:
-        from nanochat_core.evaluation import core_metrics, evaluate_core, format_core_csv
-
         if "eval_bundle" not in inputs:
             raise UserError("--core needs the CORE eval bundle; run `nanochat eval-bundle build` or pass --eval-bundle")
         with autocast():
@@ -101,8 +100,6 @@ def main(argv: list[str] | None = None) -> None:
 def random_model(source: str, step: int | None, device):
     """An untrained GPT of the shape of the checkpoint at `source`, for the centering sanity check
     (seeded, so two runs score the same random model)."""
-    from nanochat_core.model.gpt import GPTConfig, build_model
-
     step = latest_step(source) if step is None else step
     if step is None:
         raise UserError(f"--random-init takes the model shape from a checkpoint and {source} has none; "

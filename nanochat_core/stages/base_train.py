@@ -21,13 +21,25 @@ import torch
 
 from nanochat_core import artifacts, dist, hardware
 from nanochat_core.checkpoint import (
-    latest_step, load_model_state, load_rank_state, move_aside, read_meta, save_checkpoint,
+    latest_step,
+    load_model_state,
+    load_rank_state,
+    move_aside,
+    read_meta,
+    save_checkpoint,
 )
 from nanochat_core.config import PipelineConfig
+from nanochat_core.data.loader import shard_loader, val_files
+from nanochat_core.data.shards import shards_of
 from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.model.bpb import evaluate_bpb
+from nanochat_core.model.gpt import GPTConfig, build_model
+from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
+from nanochat_core.model.samples import greedy_samples
 from nanochat_core.paths import join, output_dir
 from nanochat_core.plan import make_plan
 from nanochat_core.stage_args import parse
+from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
 EMA_BETA = 0.9  # smoothing of the logged loss_ema (debiased like Adam's moments)
 
@@ -42,14 +54,6 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 
 def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
-    from nanochat_core.data.loader import shard_loader, val_files
-    from nanochat_core.data.shards import shards_of
-    from nanochat_core.model.samples import greedy_samples
-    from nanochat_core.tokenizer import Tokenizer, load_token_bytes
-    from nanochat_core.model.bpb import evaluate_bpb
-    from nanochat_core.model.gpt import GPTConfig, build_model
-    from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
-
     tc = cfg.base_train
     say = dist.Console(rt.master)
     tok_dir, data_dir = inputs["tokenizer"]["path"], inputs["shards"]["path"]

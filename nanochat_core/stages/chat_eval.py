@@ -1,7 +1,7 @@
 """Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, and ChatCORE.
 
-    nanochat chat-eval --preset tiny --model-source sft
-    nanochat chat-eval --preset d4-cpu --model-source rl --tasks GSM8K,HumanEval --max-problems 100
+    nanochat chat-eval --preset tiny --source sft
+    nanochat chat-eval --preset d4-cpu --source rl --tasks GSM8K,HumanEval --max-problems 100
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.chat_eval --config cfg.json
 
 Multiple choice (ARC, MMLU): one forward pass per prompt, the logits at the answer position restricted
@@ -9,9 +9,9 @@ to the choices' letters, argmax. Generative (GSM8K, HumanEval, SpellingBee): gre
 calculator tool on, then the task's own check (`#### N`, unit tests in the sandbox). Problems are
 striped over ranks and the counts summed. ChatCORE = mean over the tasks of (acc − baseline) /
 (1 − baseline), baselines 0.25 for the letter tasks and 0 for the generative ones (nanochat's).
-Scores its `model` input (run by hand: the latest checkpoints of the --model-source family, or --model).
-The ref is stage `<model_source>_eval` (mid_eval / sft_eval / rl_eval: the report's MID / SFT / RL
-columns) and is written to `<base>/chat_eval/<model_source>/result.json`.
+Scores its `model` input (run by hand: the latest checkpoints of the --source family (sft|mid|rl), or --model).
+The ref is stage `<source>_eval` (mid_eval / sft_eval / rl_eval: the report's MID / SFT / RL
+columns) and is written to `<base>/chat_eval/<source>/result.json`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ import torch
 from nanochat_core import artifacts, dist, hardware, storage
 from nanochat_core.chat_format import render_for_completion
 from nanochat_core.config import PipelineConfig
+from nanochat_core.engine import Engine
 from nanochat_core.errors import exit_on_user_error
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import load_start
 from nanochat_core.registry import eval_ref_name
 from nanochat_core.stage_args import parse
+from nanochat_core.tasks.code import HumanEval
+from nanochat_core.tasks.math import GSM8K
+from nanochat_core.tasks.multiple_choice import ARC, MMLU
+from nanochat_core.tasks.spelling import SpellingBee
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 SPELLING_BEE_SIZE = 256  # test-word questions when --max-problems is -1
@@ -36,11 +41,6 @@ SPELLING_BEE_SIZE = 256  # test-word questions when --max-problems is -1
 
 def build_eval_task(name: str, max_problems: int):
     """The task, spread evenly over its examples when capped (MMLU's first 100 are all one subject)."""
-    from nanochat_core.tasks.code import HumanEval
-    from nanochat_core.tasks.math import GSM8K
-    from nanochat_core.tasks.multiple_choice import ARC, MMLU
-    from nanochat_core.tasks.spelling import SpellingBee
-
     if name == "SpellingBee":
         return SpellingBee(max_problems if max_problems > 0 else SPELLING_BEE_SIZE, "test", seed=0)
     full = {"ARC-Easy": lambda **s: ARC("ARC-Easy", **s), "ARC-Challenge": lambda **s: ARC("ARC-Challenge", **s),
@@ -102,13 +102,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 
 def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
-    from nanochat_core.engine import Engine
-
     ec = cfg.chat_eval
     started = time.time()
     say = dist.Console(rt.master)
     src = inputs["model"]["path"]
-    out = output_dir("chat_eval", cfg, source=ec.model_source)
+    out = output_dir("chat_eval", cfg, source=ec.source)
     model, tokenizer, meta = load_start("chat_eval", src, ec.step, rt.device)
     model.eval()
     engine = Engine(model, tokenizer)
@@ -126,18 +124,18 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
         accuracies[name] = float(summed[0] / summed[1].clamp(min=1))
         counts[name] = int(summed[1])
         seconds[name] = time.time() - t0
-        say(f"chat-eval {ec.model_source}: {name} {accuracies[name]:.4f} ({int(summed[0])}/{int(summed[1])}) "
+        say(f"chat-eval {ec.source}: {name} {accuracies[name]:.4f} ({int(summed[0])}/{int(summed[1])}) "
             f"in {seconds[name]:.0f}s")
     score = chatcore(accuracies) if accuracies else None
-    say(f"chat-eval {ec.model_source}: ChatCORE {score:.4f} over {len(accuracies)} tasks" if score is not None else "")
-    figures = {"model_source": ec.model_source, "source": src, "step": meta["step"], **accuracies, "ChatCORE": score,
+    say(f"chat-eval {ec.source}: ChatCORE {score:.4f} over {len(accuracies)} tasks" if score is not None else "")
+    figures = {"source": ec.source, "checkpoint": src, "step": meta["step"], **accuracies, "ChatCORE": score,
                "problems": sum(counts.values()), "seconds": time.time() - started,
                "tasks": {**accuracies, "chatcore": score}, "per_task": {"problems": counts, "seconds": seconds}}
     if not rt.master:
         return {"path": out, **figures}
     storage.makedirs(out)
     storage.write_text(join(out, "samples.json"), json.dumps(samples, indent=2))
-    return artifacts.make_ref(eval_ref_name(ec.model_source), out, figures)
+    return artifacts.make_ref(eval_ref_name(ec.source), out, figures)
 
 
 @exit_on_user_error

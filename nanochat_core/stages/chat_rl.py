@@ -25,12 +25,19 @@ import torch
 from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_for_completion
 from nanochat_core.config import PipelineConfig
+from nanochat_core.engine import Engine
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import (
-    base_meta, build_mixture, fresh_output, load_start, make_optimizers, save,
+    base_meta,
+    build_mixture,
+    fresh_output,
+    load_start,
+    make_optimizers,
+    save,
 )
 from nanochat_core.stage_args import parse
+from nanochat_core.tasks.math import GSM8K
 
 
 def task_of(mixture, index: int):
@@ -68,8 +75,6 @@ def sample_and_score(engine, tokenizer, task, conv, num_samples, rc, seed):
 @torch.no_grad()
 def pass_at_k(engine, tokenizer, rc, rt: dist.Runtime, k: int) -> dict[str, float]:
     """pass@1..k on the first `eval_examples` GSM8K test questions (striped over ranks)."""
-    from nanochat_core.tasks.math import GSM8K
-
     task = GSM8K("test", stop=rc.eval_examples)
     hits = torch.zeros(k + 1, device=rt.device)  # hits[j] = questions solved within the first j samples; [k] = count
     for i in range(rt.rank, len(task), rt.world):
@@ -88,8 +93,6 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
 
 
 def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dict:
-    from nanochat_core.engine import Engine
-
     rc = cfg.chat_rl
     started = time.time()
     say = dist.Console(rt.master)
@@ -169,7 +172,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             scores = evaluate(step + 1)
     save(out, N, rt, model, opt, base_meta("chat_rl", N, model, start_meta, src, cfg, rc))
     metrics.flush()
-    figures = {"step": N, "source": src, "mean_reward": reward_sum / max(1, reward_count),
+    figures = {"step": N, "started_from": src, "mean_reward": reward_sum / max(1, reward_count),
                **{f"GSM8K {k}": v for k, v in scores.items()}, "train_time_s": seconds_training,
                "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}
     ref = artifacts.make_ref("chat_rl", out, figures) if rt.master else {"path": out, **figures}

@@ -83,7 +83,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     opt = make_optimizers(model, sc)
     stats = train_loop(ctx, model, opt, next_batch, N, accum, sc, evaluate)
     return finish_supervised(ctx, model, opt, base_meta("chat_sft", N, model, start_meta, src, cfg, sc), stats,
-                             source=src, conversations=len(train_idx))
+                             started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

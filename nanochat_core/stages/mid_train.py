@@ -101,7 +101,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     opt = make_optimizers(model, mc)
     stats = train_loop(ctx, model, opt, next_batch, N, accum, mc, evaluate)
     return finish_supervised(ctx, model, opt, base_meta("mid_train", N, model, start_meta, src, cfg, mc), stats,
-                             source=src, conversations=len(train_idx))
+                             started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -16,12 +16,18 @@ import platform
 import subprocess
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import psutil
+import torch
+
 from nanochat_core import artifacts, storage
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import exit_on_user_error
 from nanochat_core.paths import base_dir, join, output_dir
 from nanochat_core.registry import FAMILIES, STAGES, eval_ref_name
 from nanochat_core.stage_args import parse
+from nanochat_core.tracking import read_jsonl
 
 # The summary table of the seed-era report card, spelled exactly so: a column per checkpoint family
 # (BASE / MID / SFT / RL), filled from the evaluation of that family's model.
@@ -60,9 +66,6 @@ def environment() -> list[str]:
             return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-
-    import psutil
-    import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     dirty = bool(git("status", "--porcelain"))
@@ -113,12 +116,7 @@ def summary_table(refs: dict[str, dict]) -> list[str]:
 
 def loss_plot(refs: dict[str, dict], out_dir: str) -> list[str]:
     """PNG of train loss and val bpb over steps for each stage with a metrics log; markdown lines."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanochat_core.tracking import read_jsonl
 
     lines = []
     for stage, ref in refs.items():

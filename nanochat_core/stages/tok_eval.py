@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 
+import tiktoken
+
 from nanochat_core import artifacts, storage
 from nanochat_core.config import PipelineConfig
 from nanochat_core.data.shards import iter_row_groups, shards_of
@@ -71,8 +73,6 @@ REFERENCES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
 
 def reference_encodings() -> dict[str, object | None]:
     """tiktoken's GPT-2 and GPT-4 encodings, or None for each one it cannot load (offline)."""
-    import tiktoken
-
     found = {}
     for name, encoding in REFERENCES.items():
         try:

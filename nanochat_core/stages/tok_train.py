@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Iterator
 
+from tqdm import tqdm
+
 from nanochat_core import artifacts
 from nanochat_core.config import PipelineConfig
 from nanochat_core.data.shards import iter_row_groups, shards_of
@@ -53,7 +55,6 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict], progress: bool | None = No
         )
     stats = {"chars": 0, "docs": 0}
     progress = sys.stderr.isatty() if progress is None else progress
-    from tqdm import tqdm
 
     bar = tqdm(total=tc.max_chars, unit="char", unit_scale=True, desc="tok_train: reading", disable=not progress)
 

@@ -23,6 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from flows.speedrun import read_summary  # noqa: E402
 from nanochat_core.registry import FAMILIES, STAGES  # noqa: E402
 
 NANOCHAT = [sys.executable, "-m", "nanochat_core.cli"]
@@ -35,20 +36,6 @@ def timed(argv: list[str], env: dict) -> tuple[float, subprocess.CompletedProces
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return seconds, out
-
-
-def summary_times(stdout: str) -> dict[str, float]:
-    """{task run name: seconds} from the summary table `nanochat speedrun` prints."""
-    rows, inside = {}, False
-    for line in stdout.splitlines():
-        parts = line.split()
-        if parts[:2] == ["stage", "state"]:
-            inside = True
-        elif inside and parts and parts[0] != "total" and parts[-1].endswith("s"):
-            rows[parts[0]] = float(parts[-1].rstrip("s"))
-        elif inside and parts[:1] == ["total"]:
-            break
-    return rows
 
 
 def standalone_commands(preset: str) -> dict[str, list[str]]:
@@ -74,7 +61,7 @@ def main() -> None:
     env = {**os.environ, "NANOCHAT_BASE_DIR": base}
 
     wall, out = timed([*NANOCHAT, "speedrun", "--preset", args.preset], env)
-    in_flow = summary_times(out.stdout)
+    in_flow = {name: seconds for name, (_, seconds) in read_summary(out.stdout).items()}
     alone = {}
     for name, argv in standalone_commands(args.preset).items():
         if any(row.split("[")[0] == name.split("[")[0] for row in in_flow):

@@ -120,6 +120,20 @@ def format_summary(rows: list[dict], wall: float) -> str:
     return "\n".join(lines)
 
 
+def read_summary(stdout: str) -> dict[str, tuple[str, float]]:
+    """{task run name: (state, seconds)} back from the table `format_summary` printed (tests, bench)."""
+    rows, inside = {}, False
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["stage", "state"]:
+            inside = True
+        elif inside and (not parts or parts[0] == "total"):
+            break
+        elif inside:
+            rows[parts[0]] = (parts[1], float(parts[-1].rstrip("s")))
+    return rows
+
+
 def _failure(state) -> str:
     try:
         state.result()

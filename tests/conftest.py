@@ -35,17 +35,9 @@ def speedrun(base: Path, *args: str, timeout: int = 900, env: dict[str, str] | N
 
 def states(stdout: str) -> dict[str, str]:
     """{stage: final state} from the summary table the command prints."""
-    lines = stdout.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "state"]), None)
-    if start is None:
-        return {}
-    table = {}
-    for line in lines[start + 1 :]:
-        parts = line.split()
-        if not parts or parts[0] == "total":
-            break
-        table[parts[0]] = parts[1]
-    return table
+    from flows.speedrun import read_summary
+
+    return {name: state for name, (state, _) in read_summary(stdout).items()}
 
 
 @pytest.fixture(scope="session")

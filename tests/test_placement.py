@@ -62,19 +62,6 @@ def test_torch_stages_get_the_node_and_light_ones_nothing(monkeypatch):
     assert device_tags("tok_train") == device_tags("base_train") and device_tags("download") == []
 
 
-def _summary_seconds(stdout: str) -> dict[str, float]:
-    rows, inside = {}, False
-    for line in stdout.splitlines():
-        parts = line.split()
-        if parts[:2] == ["stage", "state"]:
-            inside = True
-        elif inside and parts and parts[0] == "total":
-            break
-        elif inside and parts:
-            rows[parts[0]] = float(parts[-1].rstrip("s"))
-    return rows
-
-
 @pytest.mark.slow
 def test_no_two_torch_stages_hold_the_cores_at_once(config_reads):
     """On CPU the node's devices are its cores: torch stages, and the CPU-bound tokenizer and corpus
@@ -90,7 +77,9 @@ def test_each_stage_in_the_flow_takes_about_its_standalone_time(first_run, tmp_p
     """Reported time in the flow within 1.5x (+3 s) of the same stage run alone with `nanochat <stage>`
     on (a copy of) the same base dir: waiting for devices is not counted, sharing them never happens."""
     base, out, _ = first_run
-    in_flow = _summary_seconds(out.stdout)
+    from flows.speedrun import read_summary
+
+    in_flow = {name: seconds for name, (_, seconds) in read_summary(out.stdout).items()}
     copy = tmp_path / "base"
     shutil.copytree(base, copy, ignore=shutil.ignore_patterns("prefect", "prefect_results", "mlflow.db"))
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(copy)}

@@ -142,7 +142,10 @@ def test_page_chat_streams_regenerates_and_edits(server):
 def test_client_disconnect_frees_the_replica(server):
     url, _, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"messages": [{"role": "user", "content": "a long story please"}], "max_tokens": 4096, "stream": True}
+    # greedy: this model's reply then runs to the budget (~1,000 tokens); sampled, one in seven ended by
+    # itself within 30 tokens, before the server had noticed the client leave
+    body = {"messages": [{"role": "user", "content": "a long story please"}], "max_tokens": 4096, "stream": True,
+            "temperature": 0}
     with httpx.Client(timeout=30, headers=auth) as client:
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             next(r.iter_lines())  # the first event arrived: the replica is generating; now walk away

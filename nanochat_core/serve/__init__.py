@@ -3,8 +3,8 @@
     nanochat chat --source sft -p "Why is the sky blue?"
     nanochat serve --source sft --port 8000          # then open http://127.0.0.1:8000/
 
-Modules: `loading` (checkpoint -> replicas), `generation` (the one function that turns a conversation
-into streamed reply pieces), `pool` (replicas and the request queue), `schemas` (request shapes and
-input limits), `app` (the FastAPI factory), `server` / `cli` (the two commands), `static/index.html`
-(the page, no external assets).
+Modules: `loading` (checkpoint -> replicas), `generation` (a conversation -> the job whose tokens become
+streamed reply pieces), `completion` (text completion and its logprobs), `pool` (each replica decodes its
+requests together in one batch), `schemas` (request shapes, input limits, unsupported fields), `app` (the
+FastAPI factory), `server` / `cli` (the two commands), `static/index.html` (the page, no external assets).
 """

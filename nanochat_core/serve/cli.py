@@ -15,7 +15,8 @@ import secrets
 import sys
 from typing import TextIO
 
-from nanochat_core.config import PipelineConfig, config_from_args, stage_parser
+from nanochat_core.config import PipelineConfig
+from nanochat_core.flags import config_from_args, stage_parser
 from nanochat_core.errors import exit_on_user_error
 from nanochat_core.serve.generation import Finish, SamplingParams, reply_pieces
 

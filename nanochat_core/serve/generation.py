@@ -1,7 +1,11 @@
-"""A conversation in, the assistant's reply out as a stream of pieces: the one place serving meets the model.
+"""A conversation in, the assistant's reply out as a stream of pieces: where serving meets the model.
 
-    for piece in reply_pieces(replica, messages, SamplingParams(max_tokens=64)):
+    job = chat_job(tokenizer, messages, SamplingParams(max_tokens=64), context_len)   # the server: pool.stream(job)
+    for piece in reply_pieces(replica, messages, SamplingParams(max_tokens=64)):       # alone: `nanochat chat`
         ...  # Piece(text, kind) many times, then one Finish(reason, prompt_tokens, completion_tokens, ...)
+
+A `Job` is what a replica's batch runs: prompt ids, sampling settings, and an output object that turns
+the sampled tokens into what the client receives (`ChatOutput` here, `completion.CompletionOutput`).
 
 Three things here are serving's job, not the engine's:
 - the prompt fits the context window: whole turns are dropped from the oldest end (nanochat's chat
@@ -16,8 +20,8 @@ from __future__ import annotations
 
 import codecs
 import threading
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Protocol
 
 from nanochat_core.chat_format import ConversationError, messages_of, render_conversation
 
@@ -81,6 +85,33 @@ def fit_prompt(tokenizer, messages: list[dict], context_len: int, max_tokens: in
     return ids, max(1, min(max_tokens, context_len - len(ids))), dropped
 
 
+class Output(Protocol):
+    """Turns one sequence's tokens into what its client receives; runs on the replica's thread."""
+
+    def start(self, prompt_logprobs: list | None) -> list: ...  # after the prefill (the echoed prompt)
+    def feed(self, token: int, logprob: float | None, top: list | None) -> tuple[list, bool]: ...  # True: stop
+    def close(self, cancelled: bool = False) -> list: ...  # the last items, ending with a Finish
+
+
+@dataclass
+class Job:
+    """One sequence for a replica's batch: the prompt, how to sample it, and the `output` that turns its
+    tokens into what the client receives (`ChatOutput` here, `completion.CompletionOutput`)."""
+
+    prompt: list[int]
+    params: SamplingParams  # max_tokens is the budget, already fitted to the context window
+    output: Output
+    tools: bool = True  # the calculator runs on python blocks (chat); off for raw text completion
+    logprobs: int | None = None  # alternatives to report per generated token (None: no logprobs)
+    prompt_logprobs: int | None = None  # the same for every prompt position (`echo` with logprobs)
+
+
+def chat_job(tokenizer, messages: list[dict], params: SamplingParams, context_len: int) -> Job:
+    """The job for a chat reply: the conversation fitted to the window, the reply streamed as pieces."""
+    prompt, budget, dropped = fit_prompt(tokenizer, messages, context_len, params.max_tokens)
+    return Job(prompt, replace(params, max_tokens=budget), ChatOutput(tokenizer, params.stop, len(prompt), dropped))
+
+
 def token_stream(replica, prompt: list[int], params: SamplingParams) -> Iterator[int]:
     """Sampled ids after `prompt` from the engine (KV cache, calculator tool); tool output arrives as
     forced `<|output_start|>…<|output_end|>` tokens in the same stream."""
@@ -131,34 +162,49 @@ class _Output:
         return ([Piece(out)] if out else []), False
 
 
+class ChatOutput:
+    """A reply's tokens -> Piece(text, kind)s and one Finish: end tokens, part kinds, stop strings."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_tokens: int, dropped: int = 0):
+        self.tokenizer, self.prompt_tokens, self.dropped = tokenizer, prompt_tokens, dropped
+        self.specials = {tokenizer.encode_special(name): name for name in (*END_TOKENS, *KIND_SWITCH)}
+        self.out = _Output(stops)
+        self.generated, self.reason = 0, "length"
+
+    def start(self, prompt_logprobs=None) -> list:
+        return []
+
+    def feed(self, token: int, logprob: float | None = None, top=None) -> tuple[list[Piece], bool]:
+        self.generated += 1
+        name = self.specials.get(token)
+        if name is None:
+            pieces, hit = self.out.feed(self.tokenizer.enc.decode_single_token_bytes(token))
+        else:
+            pieces, hit = self.out.flush()
+            if name in KIND_SWITCH:
+                self.out.kind = KIND_SWITCH[name]
+        if hit or name in END_TOKENS:
+            self.reason = "stop"
+        return pieces, self.reason == "stop"
+
+    def close(self, cancelled: bool = False) -> list[Piece | Finish]:
+        """The last pieces and the Finish: held text is reply text when the budget ran out."""
+        reason = "cancelled" if cancelled else self.reason
+        pieces = self.out.flush()[0] if reason == "length" else []
+        return [*pieces, Finish(reason, self.prompt_tokens, self.generated, self.dropped)]
+
+
 def reply_pieces(replica, messages: list[dict], params: SamplingParams,
                  cancel: threading.Event | None = None) -> Iterator[Piece | Finish]:
-    """Stream the reply to `messages` (OpenAI-style dicts, last one from the user)."""
-    tok = replica.tokenizer
-    prompt, budget, dropped = fit_prompt(tok, messages, replica.context_len, params.max_tokens)
-    params = SamplingParams(**{**params.__dict__, "max_tokens": budget})
-    specials = {tok.encode_special(name): name for name in (*END_TOKENS, *KIND_SWITCH)}
-    out = _Output(params.stop)
-    generated, reason = 0, "length"
-    for token in token_stream(replica, prompt, params):
+    """Stream the reply to `messages` (OpenAI-style dicts, last one from the user) on one replica alone,
+    without batching (`nanochat chat`; the reference the batched server is tested against)."""
+    job = chat_job(replica.tokenizer, messages, params, replica.context_len)
+    for token in token_stream(replica, job.prompt, job.params):
         if cancel is not None and cancel.is_set():
-            reason = "cancelled"
-            break
-        generated += 1
-        name = specials.get(token)
-        if name is None:
-            pieces, hit = out.feed(tok.enc.decode_single_token_bytes(token))
-        else:
-            pieces, hit = out.flush()
-            if name in KIND_SWITCH:
-                out.kind = KIND_SWITCH[name]
+            yield from job.output.close(cancelled=True)
+            return
+        pieces, done = job.output.feed(token)
         yield from pieces
-        if hit or name in END_TOKENS:
-            reason = "stop"
+        if done:
             break
-        if generated >= budget:
-            break
-    if reason == "length":  # the budget ran out (or the sampler stopped): what is held is reply text
-        pieces, _ = out.flush()
-        yield from pieces
-    yield Finish(reason, len(prompt), generated, dropped)
+    yield from job.output.close()

@@ -59,13 +59,13 @@ def free_port() -> int:
 
 def serve_child(args) -> None:
     """The server process: `nanochat serve`'s socket, threads and uvicorn, one replica of `--max-batch` rows."""
-    from nanochat_core.config import PipelineConfig
+    from nanochat_core.config import ServingConfig
     from nanochat_core.serve import server
     from nanochat_core.serve.app import create_app
     from nanochat_core.serve.loading import load_replicas
     from nanochat_core.serve.pool import ReplicaPool, claim_cpu_threads
 
-    cfg = PipelineConfig()
+    cfg = ServingConfig()
     inference = cfg.inference.model_copy(update={"source": args.source or "auto", "checkpoint": args.checkpoint})
     replicas = load_replicas(inference, 1)
     claim_cpu_threads(replicas)  # as `nanochat serve` does

@@ -251,9 +251,8 @@ class ServeConfig(StageConfig):
     host: str = Field("127.0.0.1", description="interface to bind (loopback unless you mean to expose it)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     workers_per_device: int = Field(1, ge=1, le=16, description="model replicas per device")
-    api_key: str | None = Field(
-        None, description="require `Authorization: Bearer KEY` on the API (default: $NANOCHAT_API_KEY, else open)"
-    )
+    # No API key here: a secret in a config would travel as a flow parameter and an MLflow param, and
+    # sit in `ps` as a flag. `nanochat serve` reads it from $NANOCHAT_API_KEY (serve/app.py).
     model_name: str = Field("nanochat", description="model id reported by /v1/models and accepted in requests")
     max_queue: int = Field(256, ge=1, description="requests waiting for a replica before new ones get 429")
 
@@ -362,14 +361,20 @@ class PipelineConfig(StageConfig):
     chat_sft: ChatSFTConfig = ChatSFTConfig()
     chat_rl: ChatRLConfig = ChatRLConfig()
     chat_eval: ChatEvalConfig = ChatEvalConfig()
-    inference: InferenceConfig = InferenceConfig()
-    chat: ChatConfig = ChatConfig()
-    serve: ServeConfig = ServeConfig()
 
     def nproc(self, stage: str) -> int | None:
         """torchrun processes per node for `stage`: its own nproc_per_node, else devices_per_node, else
         None (the launcher asks the node: every GPU it reports, or one process on CPU)."""
         return getattr(getattr(self, stage), "nproc_per_node", None) or self.devices_per_node
+
+
+class ServingConfig(StageConfig):
+    """`nanochat chat` / `nanochat serve`: kept out of PipelineConfig, which the flow takes as its
+    parameter and logs to MLflow; nothing in the pipeline reads these sections."""
+
+    inference: InferenceConfig = InferenceConfig()
+    chat: ChatConfig = ChatConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # --- derived views ----------------------------------------------------------------------------

@@ -70,14 +70,13 @@ def _flag_type(annotation: Any):
     return None
 
 
-def add_config_flags(
-    parser: argparse.ArgumentParser, stage: str, only: list[str] | None = None
-) -> None:
-    """Add one `--kebab-case` flag per field of the pipeline's `stage` config (or just `only`).
+def add_config_flags(parser: argparse.ArgumentParser, stage: str, only: list[str] | None = None,
+                     root: type[BaseModel] = PipelineConfig) -> None:
+    """Add one `--kebab-case` flag per field of the `stage` section of `root` (or just `only`).
 
     Unset flags stay absent (`SUPPRESS`), so a flag overrides the preset only when given.
     """
-    cls = PipelineConfig.model_fields[stage].annotation
+    cls = root.model_fields[stage].annotation
     group = parser.add_argument_group(f"{stage} ({cls.__doc__.splitlines()[0]})")
     for name, field in cls.model_fields.items():
         kind = _flag_type(field.annotation)
@@ -101,23 +100,29 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
-def stage_parser(prog: str, description: str, stages: dict[str, list[str] | None]) -> argparse.ArgumentParser:
-    """A stage command's parser: `--preset`, `--config cfg.json`, then the stages' own flags."""
+def stage_parser(prog: str, description: str, stages: dict[str, list[str] | None],
+                 root: type[BaseModel] = PipelineConfig) -> argparse.ArgumentParser:
+    """A command's parser: for pipeline stages `--preset` and `--config cfg.json`, then the sections' flags."""
     parser = CommandParser(prog=prog, description=description)
-    parser.add_argument("--preset", default=None, help="start from this preset (default: d20)")
-    parser.add_argument(
-        "--config", default=None, help="pipeline config JSON written by the launcher (flags still override)"
-    )
+    if root is PipelineConfig:
+        parser.add_argument("--preset", default=None, help="start from this preset (default: d20)")
+        parser.add_argument(
+            "--config", default=None, help="pipeline config JSON written by the launcher (flags still override)"
+        )
     for stage, only in stages.items():
-        add_config_flags(parser, stage, only)
+        add_config_flags(parser, stage, only, root)
     return parser
 
 
-def config_from_args(ns: argparse.Namespace) -> PipelineConfig:
-    """The pipeline config a stage command runs with: preset or `--config` file, then its flags."""
-    if ns.config is not None and ns.preset is not None:
+def config_from_args(ns: argparse.Namespace, root: type[BaseModel] = PipelineConfig) -> BaseModel:
+    """The config a command runs with: a pipeline stage's preset or `--config` file (the serving
+    commands': the declared defaults), then its flags."""
+    if root is not PipelineConfig:
+        cfg = root()
+    elif ns.config is not None and ns.preset is not None:
         raise UserError("pass either --preset or --config, not both; --config already holds a preset")
-    cfg = load_json(PipelineConfig, ns.config) if ns.config else get_preset(ns.preset or "d20")
+    else:
+        cfg = load_json(PipelineConfig, ns.config) if ns.config else get_preset(ns.preset or "d20")
     flags: dict[str, dict[str, Any]] = {}
     for key, value in vars(ns).items():
         stage, dot, field = key.partition(".")

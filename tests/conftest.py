@@ -23,6 +23,7 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
 
 
 AUDIT_SITE = Path(__file__).parent / "config_audit"
+SERVING_KEY = "sk-session-serving-key-0123456789"
 
 
 def speedrun(base: Path, *args: str, timeout: int = 900, env: dict[str, str] | None = None
@@ -50,7 +51,9 @@ def first_run(tmp_path_factory, audit_dir):
     """The session's tiny speedrun; its stage processes record the config fields they read (config_audit)."""
     base, audit = tmp_path_factory.mktemp("speedrun"), audit_dir
     path = os.pathsep.join([str(AUDIT_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
-    out, table = speedrun(base, env={"PYTHONPATH": path, "NANOCHAT_CONFIG_AUDIT": str(audit)})
+    # A serving key in the environment, to show it reaches neither Prefect nor MLflow (test_speedrun).
+    env = {"PYTHONPATH": path, "NANOCHAT_CONFIG_AUDIT": str(audit), "NANOCHAT_API_KEY": SERVING_KEY}
+    out, table = speedrun(base, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return base, out, table
 

@@ -9,7 +9,7 @@ import os
 import pytest
 from serve_fixtures import make_tiny_checkpoint
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.serve import cli
 from nanochat_core.serve.loading import load_replicas
 
@@ -25,11 +25,11 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def replica(base):
-    return load_replicas(PipelineConfig().inference, root=base)[0]
+    return load_replicas(ServingConfig().inference, root=base)[0]
 
 
-def cfg_with(**inference) -> PipelineConfig:
-    cfg = PipelineConfig()
+def cfg_with(**inference) -> ServingConfig:
+    cfg = ServingConfig()
     return cfg.model_copy(update={"inference": cfg.inference.model_copy(update=inference)})
 
 
@@ -84,7 +84,7 @@ def test_source_auto_prefers_the_most_post_trained(base, tmp_path):
     make_tiny_checkpoint(root, family="base_checkpoints", depth=2)
     make_tiny_checkpoint(root, family="chatsft_checkpoints", depth=2)
     make_tiny_checkpoint(root, family="base_checkpoints", depth=3)
-    assert checkpoint_dir(PipelineConfig().inference, root)[1] == "sft d2"
+    assert checkpoint_dir(ServingConfig().inference, root)[1] == "sft d2"
     assert checkpoint_dir(cfg_with(source="base").inference, root)[1] == "base d3"  # the largest depth
     assert checkpoint_dir(cfg_with(source="base", depth=2).inference, root)[1] == "base d2"
 

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from nanochat_core.config import BaseTrainConfig, PipelineConfig, flatten
+from pydantic import BaseModel
+
+from nanochat_core.config import BaseTrainConfig, PipelineConfig, ServingConfig, flatten
 from nanochat_core.flags import config_from_args, load_json, set_dotted, stage_parser
 from nanochat_core.errors import UserError
 from nanochat_core.presets import PRESETS, get_preset
@@ -14,13 +16,14 @@ def parse(argv, stages={"base_train": None, "tok_train": None}):
     return config_from_args(stage_parser("nanochat test", "", stages).parse_args(argv))
 
 
-def test_every_field_has_help_and_a_flag():
-    from nanochat_core.config import stage_names
-
-    for stage in stage_names():
-        parser = stage_parser("nanochat test", "", {stage: None})
+@pytest.mark.parametrize("root", [PipelineConfig, ServingConfig])
+def test_every_field_has_help_and_a_flag(root):
+    for stage, info in root.model_fields.items():
+        if not isinstance(info.default, BaseModel):
+            continue
+        parser = stage_parser("nanochat test", "", {stage: None}, root)
         flags = {opt for action in parser._actions for opt in action.option_strings}
-        cls = PipelineConfig.model_fields[stage].annotation
+        cls = root.model_fields[stage].annotation
         for name, field in cls.model_fields.items():
             assert field.description, f"{stage}.{name} has no help text"
             assert "--" + name.replace("_", "-") in flags, f"{stage}.{name} has no flag"
@@ -94,3 +97,12 @@ def test_prefect_parameter_schema_comes_from_the_same_declaration():
     schema = PipelineConfig.model_json_schema()
     train = schema["$defs"]["BaseTrainConfig"]["properties"]
     assert train["depth"]["description"] == BaseTrainConfig.model_fields["depth"].description
+
+
+def test_serving_settings_and_secrets_stay_out_of_the_pipeline_config(monkeypatch):
+    """The flow takes PipelineConfig as its parameter and logs it to MLflow: no serving section, no key."""
+    monkeypatch.setenv("NANOCHAT_API_KEY", "sk-never-a-parameter")
+    assert not {"serve", "chat", "inference"} & set(PipelineConfig.model_fields)
+    assert "api_key" not in ServingConfig().serve.model_fields
+    for preset in PRESETS.values():
+        assert "sk-never-a-parameter" not in json.dumps(flatten(preset()))

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_fixtures import make_tiny_checkpoint
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.serve.app import create_app
 from nanochat_core.serve.generation import _Output, fit_prompt
 from nanochat_core.serve.loading import load_replicas
@@ -24,12 +24,12 @@ USER = [{"role": "user", "content": "Hello, who are you?"}]
 def replicas(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("serve_base"))
     make_tiny_checkpoint(base, seq_len=CONTEXT)
-    return load_replicas(PipelineConfig().inference, root=base)
+    return load_replicas(ServingConfig().inference, root=base)
 
 
 @pytest.fixture(scope="module")
 def client(replicas):
-    with TestClient(create_app(PipelineConfig(), ReplicaPool(replicas))) as c:
+    with TestClient(create_app(ServingConfig(), ReplicaPool(replicas))) as c:
         yield c
 
 
@@ -269,9 +269,8 @@ def test_stop_string_held_back_across_pieces():
 
 
 def test_api_key_is_required_when_set(replicas, monkeypatch):
-    cfg = PipelineConfig()
-    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key": "sekret"})})
-    with TestClient(create_app(cfg, ReplicaPool(replicas))) as c:
+    monkeypatch.setenv("NANOCHAT_API_KEY", "sekret")  # the only place a key comes from: never a config field
+    with TestClient(create_app(ServingConfig(), ReplicaPool(replicas))) as c:
         body = {"messages": USER, "max_tokens": 2}
         assert_error(c.post("/v1/chat/completions", json=body), 401, code="invalid_api_key")
         assert_error(c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
@@ -280,7 +279,7 @@ def test_api_key_is_required_when_set(replicas, monkeypatch):
         assert ok.status_code == 200
         assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
     monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
-    with TestClient(create_app(PipelineConfig(), ReplicaPool(replicas))) as c:
+    with TestClient(create_app(ServingConfig(), ReplicaPool(replicas))) as c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
 
@@ -288,7 +287,7 @@ def test_api_key_is_required_when_set(replicas, monkeypatch):
 def test_full_queue_answers_429(replicas):
     pool = ReplicaPool(replicas, max_queue=1)
     pool.waiting = 1  # as if one request already waits for the only replica
-    with TestClient(create_app(PipelineConfig(), pool)) as c:
+    with TestClient(create_app(ServingConfig(), pool)) as c:
         assert_error(c.post("/v1/chat/completions", json={"messages": USER}), 429, code="queue_full")
 
 
@@ -332,7 +331,7 @@ def test_tool_call_is_streamed_as_parts_and_rendered_for_openai(replicas):
             merged.append([p.kind, p.text])
     assert merged == [["python", "3+4"], ["python_output", "7"], ["text", "Done"]]
 
-    with TestClient(create_app(PipelineConfig(), ReplicaPool([replica]))) as c:
+    with TestClient(create_app(ServingConfig(), ReplicaPool([replica]))) as c:
         body = {"messages": USER, "temperature": 0, "max_tokens": 30}
         r = c.post("/v1/chat/completions", json=body).json()
         assert r["choices"][0]["message"]["content"] == "<<3+4=7>>Done"

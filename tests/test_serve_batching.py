@@ -10,7 +10,7 @@ import pytest
 import torch
 from serve_fixtures import make_tiny_checkpoint, tiny_gpt, tiny_tokenizer
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.engine import BatchDecoder, BatchRow, Engine
 from nanochat_core.serve.generation import SamplingParams, chat_job, reply_pieces
 from nanochat_core.serve.loading import load_replicas
@@ -126,7 +126,7 @@ def test_pool_replies_concurrently_as_each_alone(tmp_path):
     """Six chat requests at once through the pool (one replica, one batch) stream exactly the pieces
     each gets from the unbatched reply_pieces, and in the same order."""
     make_tiny_checkpoint(str(tmp_path), seq_len=256, dim=128)
-    (replica,) = load_replicas(PipelineConfig().inference, root=str(tmp_path))
+    (replica,) = load_replicas(ServingConfig().inference, root=str(tmp_path))
     assert replica.model.transformer.wte.weight.dtype == torch.float32
     questions = [[{"role": "user", "content": t}] for t in TEXTS]
     params = SamplingParams(temperature=0.0, max_tokens=40)
@@ -148,7 +148,7 @@ def test_pool_replies_concurrently_as_each_alone(tmp_path):
 
 def test_a_failed_step_is_reported_and_the_replica_recovers(tmp_path, monkeypatch):
     make_tiny_checkpoint(str(tmp_path), seq_len=128)
-    (replica,) = load_replicas(PipelineConfig().inference, root=str(tmp_path))
+    (replica,) = load_replicas(ServingConfig().inference, root=str(tmp_path))
     pool = ReplicaPool([replica])
     step = BatchDecoder.step
     calls = {"n": 0}

@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from serve_fixtures import make_tiny_checkpoint
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.serve.app import create_app
 from nanochat_core.serve.completion import token_string
 from nanochat_core.serve.loading import load_replicas
@@ -25,13 +25,13 @@ USER = [{"role": "user", "content": "Hello"}]
 def replica(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("completions"))
     make_tiny_checkpoint(base, seq_len=CONTEXT)
-    (r,) = load_replicas(PipelineConfig().inference, root=base)
+    (r,) = load_replicas(ServingConfig().inference, root=base)
     return r
 
 
 @pytest.fixture(scope="module")
 def client(replica):
-    with TestClient(create_app(PipelineConfig(), ReplicaPool([replica]))) as c:
+    with TestClient(create_app(ServingConfig(), ReplicaPool([replica]))) as c:
         yield c
 
 
@@ -207,10 +207,9 @@ def test_neutral_values_clients_send_by_default_are_accepted(client):
     assert r.json()["usage"]["completion_tokens"] <= 2
 
 
-def test_api_key_applies_to_completions_and_tokenizer(replica):
-    cfg = PipelineConfig()
-    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key": "sekret"})})
-    with TestClient(create_app(cfg, ReplicaPool([replica]))) as c:
+def test_api_key_applies_to_completions_and_tokenizer(replica, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_API_KEY", "sekret")
+    with TestClient(create_app(ServingConfig(), ReplicaPool([replica]))) as c:
         for r in (c.post("/v1/completions", json={"prompt": "Hi"}), c.post("/tokenize", json={"prompt": "Hi"}),
                   c.get("/tokenizer_info")):
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from serve_fixtures import make_tiny_checkpoint, serve_process
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.serve.loading import load_replicas
 
 KEY = "live-key"
@@ -46,7 +46,7 @@ def test_openai_client_completions_create(client):
 
 def test_openai_client_echo_logprobs_equal_a_direct_forward(client, server):
     _, base = server
-    (replica,) = load_replicas(PipelineConfig().inference, root=base)  # the same checkpoint, fp32, in-process
+    (replica,) = load_replicas(ServingConfig().inference, root=base)  # the same checkpoint, fp32, in-process
     tok = replica.tokenizer
     ids = tok.encode("The quick brown fox jumps over the lazy dog")
     r = client.completions.create(model="nanochat", prompt=ids, echo=True, logprobs=2, max_tokens=0)

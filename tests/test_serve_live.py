@@ -172,7 +172,7 @@ def test_page_shows_tool_calls():
     from playwright.sync_api import sync_playwright
     from serve_fixtures import scripted_model, tiny_tokenizer
 
-    from nanochat_core.config import PipelineConfig
+    from nanochat_core.config import ServingConfig
     from nanochat_core.serve.app import create_app
     from nanochat_core.serve.loading import Replica
     from nanochat_core.serve.pool import ReplicaPool
@@ -184,7 +184,7 @@ def test_page_shows_tool_calls():
     model = scripted_model(tok, call, [s("<|output_end|>"), *tok.encode("Done"), s("<|assistant_end|>")])
     pool = ReplicaPool([Replica(model, tok, model.lm_head.weight.device, 0, {"label": "scripted"})])
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(PipelineConfig(), pool), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(ServingConfig(), pool), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -39,6 +39,18 @@ def test_mlflow_has_a_parent_and_a_child_per_stage(first_run):
     assert params["base_train.depth"] == "2"
 
 
+def test_the_serving_key_reaches_neither_the_flow_parameters_nor_mlflow(first_run):
+    from conftest import SERVING_KEY
+
+    base, _, _ = first_run
+    db = sqlite3.connect(base / "mlflow.db")
+    params = db.execute("select key, value from params").fetchall()
+    assert params and not [k for k, v in params if k.split(".")[0] in ("serve", "chat", "inference")]
+    assert not [k for k, v in params if SERVING_KEY in str(v)]
+    for store in [base / "mlflow.db", *(base / "prefect").glob("prefect.db*")]:  # the flow run's parameters live here
+        assert SERVING_KEY.encode() not in store.read_bytes(), store
+
+
 def test_report_has_the_summary_table(first_run):
     base, _, _ = first_run
     report = (base / "report" / "report.md").read_text()

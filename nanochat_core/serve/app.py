@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.errors import UserError
 from nanochat_core.serve.completion import TextDelta, completion_job, encode_prompt
 from nanochat_core.serve.generation import Finish, SamplingParams, chat_job
@@ -66,10 +66,10 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def create_app(cfg: PipelineConfig | None = None, pool: ReplicaPool | None = None) -> FastAPI:
+def create_app(cfg: ServingConfig | None = None, pool: ReplicaPool | None = None) -> FastAPI:
     """The app for `cfg` (default: the d20 preset's serve settings). `pool` skips loading (tests, benches)."""
-    cfg = cfg or PipelineConfig()
-    api_key = cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
+    cfg = cfg or ServingConfig()
+    api_key = os.environ.get(API_KEY_ENV) or None  # never a config field: it would travel as a parameter
     model_name = cfg.serve.model_name
 
     @asynccontextmanager

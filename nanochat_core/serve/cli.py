@@ -15,7 +15,7 @@ import secrets
 import sys
 from typing import TextIO
 
-from nanochat_core.config import PipelineConfig
+from nanochat_core.config import ServingConfig
 from nanochat_core.flags import config_from_args, stage_parser
 from nanochat_core.errors import exit_on_user_error
 from nanochat_core.serve.generation import Finish, SamplingParams, reply_pieces
@@ -23,7 +23,7 @@ from nanochat_core.serve.generation import Finish, SamplingParams, reply_pieces
 TOOL_OPEN, TOOL_ARROW, TOOL_CLOSE = "<<", "=", ">>"
 
 
-def reply(replica, history: list[dict], cfg: PipelineConfig, out: TextIO) -> tuple[str, Finish]:
+def reply(replica, history: list[dict], cfg: ServingConfig, out: TextIO) -> tuple[str, Finish]:
     """Stream one assistant reply to `out`; returns (its text as the model saw it, the finish)."""
     inf = cfg.inference
     params = SamplingParams(temperature=inf.temperature, top_k=inf.top_k, max_tokens=inf.max_tokens,
@@ -47,7 +47,7 @@ def reply(replica, history: list[dict], cfg: PipelineConfig, out: TextIO) -> tup
     return "".join(text), finish
 
 
-def session(replica, cfg: PipelineConfig, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+def session(replica, cfg: ServingConfig, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     """The interactive loop; reads lines from `inp` so tests can drive it."""
     history: list[dict] = []
     out.write(f"nanochat ({replica.meta.get('label')}, context {replica.context_len} tokens). "
@@ -86,10 +86,10 @@ def session(replica, cfg: PipelineConfig, inp: TextIO = sys.stdin, out: TextIO =
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("nanochat chat", "Chat with a trained model in the terminal.",
-                          {"inference": None, "chat": None})
+                          {"inference": None, "chat": None}, ServingConfig)
     parser.add_argument("-p", dest="chat.prompt", metavar="PROMPT", default=argparse.SUPPRESS,
                         help="same as --prompt: ask one question, print the reply and exit")
-    cfg = config_from_args(parser.parse_args(argv))
+    cfg = config_from_args(parser.parse_args(argv), ServingConfig)
     from nanochat_core.serve.loading import load_replicas
 
     replica = load_replicas(cfg.inference, 1)[0]

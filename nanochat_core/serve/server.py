@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 
+from nanochat_core.config import ServingConfig
 from nanochat_core.flags import config_from_args, stage_parser
 from nanochat_core.errors import UserError, exit_on_user_error
 
@@ -31,17 +32,17 @@ def _is_loopback(host: str) -> bool:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("nanochat serve", "Serve the chat page and the OpenAI-compatible API.",
-                          {"inference": None, "serve": None})
-    cfg = config_from_args(parser.parse_args(argv))
+                          {"inference": None, "serve": None}, ServingConfig)
+    cfg = config_from_args(parser.parse_args(argv), ServingConfig)
     from nanochat_core.serve.app import API_KEY_ENV, create_app
     from nanochat_core.serve.loading import load_replicas
     from nanochat_core.serve.pool import ReplicaPool, claim_cpu_threads
 
     s = cfg.serve
-    has_key = bool(s.api_key or os.environ.get(API_KEY_ENV))
+    has_key = bool(os.environ.get(API_KEY_ENV))
     if not _is_loopback(s.host) and not has_key:
         print(f"warning: serving on {s.host} without an API key: anyone who can reach this port can use the "
-              f"model; set {API_KEY_ENV} or --api-key", file=sys.stderr)
+              f"model; set {API_KEY_ENV}", file=sys.stderr)
     sock = bind(s.host, s.port)  # seconds before the model would load: a taken port is one `error:` line
     port = sock.getsockname()[1]
     replicas = load_replicas(cfg.inference, s.workers_per_device)

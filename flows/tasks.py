@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect import get_client, get_run_logger, task
 from prefect.context import TaskRunContext
+from prefect.results import get_result_store
 from prefect.states import Cancelled
 
 from flows.cache import StageCache
@@ -98,7 +99,11 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     except StageStopped:
         if run_id:
             tracking.end_run(run_id, "KILLED")
-        return Cancelled(message=f"{stage} was stopped: the flow run was cancelled")
+        # Prefect persists a returned state's data under the task's cache key, which would replace a good
+        # cached record with nothing (measured: the next run re-ran the stage). An unsaved record, kept
+        # under another key, leaves the cache as it was.
+        unsaved = get_result_store().create_result_record(None, key=f"cancelled-{TaskRunContext.get().task_run.id}")
+        return Cancelled(message=f"{stage} was stopped: the flow run was cancelled", data=unsaved)
     except BaseException:
         if run_id:
             tracking.end_run(run_id, "FAILED")

@@ -69,7 +69,7 @@ def test_rerun_with_nothing_changed_is_fully_cached(first_run):
     base, _, _ = first_run
     out, table = speedrun(base)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(table) == sorted(EXPECTED) and set(table.values()) == {"Cached"}
+    assert sorted(table) == sorted(EXPECTED) and set(table.values()) == {"Cached"}, table
 
 
 def test_changing_one_stage_reruns_it_and_its_dependents_only(first_run):

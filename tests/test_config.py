@@ -103,6 +103,6 @@ def test_serving_settings_and_secrets_stay_out_of_the_pipeline_config(monkeypatc
     """The flow takes PipelineConfig as its parameter and logs it to MLflow: no serving section, no key."""
     monkeypatch.setenv("NANOCHAT_API_KEY", "sk-never-a-parameter")
     assert not {"serve", "chat", "inference"} & set(PipelineConfig.model_fields)
-    assert "api_key" not in ServingConfig().serve.model_fields
+    assert "api_key" not in type(ServingConfig().serve).model_fields
     for preset in PRESETS.values():
         assert "sk-never-a-parameter" not in json.dumps(flatten(preset()))

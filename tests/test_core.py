@@ -290,6 +290,9 @@ def _striped_worker(rank: int, world: int, port: int, bundle: str, out: str) -> 
         result = evaluate_core(tiny_random_model(), TOK, bundle, max_per_task=24)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
+        # Both ranks reach teardown together: gloo aborted rank 0 ("terminate called without an active
+        # exception", SIGABRT) once in two full suites when it tore down while rank 1 was still at work.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

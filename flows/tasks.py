@@ -45,7 +45,9 @@ def settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     return {name: cfg.model_dump(mode="json", include={name})[name] for name in STAGES[stage].reads}
 
 
-DEVICE_TAG = "nanochat-devices:"
+def device_tag() -> str:
+    """This node's devices as a Prefect tag (the host, and its pinned GPUs when CUDA_VISIBLE_DEVICES says)."""
+    return "nanochat-devices:" + hardware.node_id()
 
 
 def device_tags(stage: str) -> list[str]:
@@ -54,13 +56,13 @@ def device_tags(stage: str) -> list[str]:
     each on 2 cores run 10-40x slower than one, DESIGN.md §11)."""
     devices = STAGES[stage].devices
     if devices == "node" or (devices == "cores" and hardware.node_devices() == 0):
-        return [DEVICE_TAG + hardware.node_id()]
+        return [device_tag()]
     return []
 
 
 def claim_node_devices() -> str:
     """Make sure this node's devices tag has its concurrency limit of 1 (an upsert; the flow calls it once)."""
-    tag = DEVICE_TAG + hardware.node_id()
+    tag = device_tag()
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=1)
     return tag

@@ -8,7 +8,7 @@ Every file is written atomically through the storage layer and the meta file is 
 all ranks' files exist: a step counts as complete only when its meta is there, so a crash mid-save
 leaves the previous checkpoint as the latest complete one.
 
-    model, tokenizer, meta = load_model(paths.checkpoint_dir("base", 20))
+    model, tokenizer, meta = load_model(paths.output_dir("base_train", cfg, depth=20))
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ of a stage run alone on the command line (`nanochat base-train`) are the outputs
 (nanochat_core.stage_args).
 
     output_dir("base_train", cfg, depth=20)   # <base>/base_checkpoints/d20, or base_train.out if set
-    checkpoint_dir("sft", 20)                 # <base>/chatsft_checkpoints/d20
+    family_root("sft")                        # <base>/chatsft_checkpoints (its d<depth> directories)
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ def output_dir(stage: str, cfg: Any, depth: int | None = None, source: str | Non
     if explicit:
         return explicit
     return join(root or base_dir(), STAGES[stage].out.format(depth=depth, source=source))
-
-
-def checkpoint_dir(family: str, depth: int, root: str | None = None) -> str:
-    """The default checkpoint directory of a family (base/mid/sft/rl) at a depth."""
-    return join(root or base_dir(), family_dir(family), f"d{depth}")
 
 
 def family_root(family: str, root: str | None = None) -> str:

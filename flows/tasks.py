@@ -1,9 +1,9 @@
 """One small Prefect task per stage: launch it (torchrun or a process), track it, return its ref.
 
 The heavy lifting is `nanochat_core.launch.run_stage`; what each stage's task needs to know (the config
-sections its cache key covers, whether a retry resumes, whether it produces a model) is its record in
-nanochat_core.registry. A retry of a resumable stage continues from its latest checkpoint
-(`resume=True`), it does not start over.
+sections its cache key covers, whether it produces a model) is its record in nanochat_core.registry.
+A retry of a resumable stage, like a new flow run of the same config, continues from the latest
+checkpoint of the unfinished attempt (the stage matches its checkpoints' run key), it does not start over.
 
 Placement: a stage that occupies the node's devices (its record's `devices`) carries the tag
 `nanochat-devices:<node>`, whose Prefect concurrency limit is 1, so the server lets one such task run
@@ -87,9 +87,7 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     nproc_per_node, nnodes = processes(cfg, stage)
     attempt = TaskRunContext.get().task_run.run_count
     if attempt > 1 and record.resumable:
-        logger.info(f"attempt {attempt}: resuming {stage} from its latest checkpoint")
-        section = getattr(cfg, stage)
-        cfg = cfg.model_copy(update={stage: section.model_copy(update={"resume": True})})
+        logger.info(f"attempt {attempt} of {stage}: it continues from the failed attempt's latest checkpoint")
     params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in record.reads}
     run_id = tracking.start_stage_run(parent_run_id, stage, params) if parent_run_id else None
     env = {"NANOCHAT_MLFLOW_RUN_ID": run_id} if run_id else {}

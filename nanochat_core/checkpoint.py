@@ -8,6 +8,10 @@ Every file is written atomically through the storage layer and the meta file is 
 all ranks' files exist: a step counts as complete only when its meta is there, so a crash mid-save
 leaves the previous checkpoint as the latest complete one.
 
+A training stage started again with the settings and inputs of an unfinished run in its directory (the
+meta's `run_key`) continues that run from its latest checkpoint; any other start moves the old
+checkpoints aside (`continue_or_start`).
+
     model, tokenizer, meta = load_model(paths.output_dir("base_train", cfg, depth=20))
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from nanochat_core import storage
+from nanochat_core.artifacts import digest_of
 from nanochat_core.errors import UserError
 from nanochat_core.model.gpt import GPTConfig, build_model
 from nanochat_core.paths import join
@@ -130,6 +135,37 @@ def move_aside(ckpt_dir: str) -> str | None:
         n += 1
     storage.rename(ckpt_dir, aside)
     return aside
+
+
+def run_key(stage: str, settings: dict, world: int, inputs: dict[str, dict]) -> str:
+    """What a run must share with an unfinished one to continue it: the stage's trajectory settings
+    (CheckpointedConfig.run_settings), the process count, and the digests of its inputs."""
+    digests = {name: ref.get("digest") or ref.get("path") for name, ref in sorted(inputs.items())}
+    return digest_of({"stage": stage, "settings": settings, "world": world, "inputs": digests})
+
+
+def continue_or_start(ckpt_dir: str, key: str, master: bool, barrier, say, force: bool = False) -> int | None:
+    """The step to continue from, or None for a fresh start (every rank calls this).
+
+    The latest checkpoint is continued when its meta carries `key` and it is not the final step
+    (`force`, the --resume flag: whatever run it belongs to). Otherwise rank 0 moves the directory's
+    checkpoints aside, so a fresh run never overwrites one.
+    """
+    step = latest_step(ckpt_dir) if storage.exists(ckpt_dir) else None
+    if step is not None and not force:
+        meta = read_meta(ckpt_dir, step)
+        if meta.get("run_key") != key or step >= meta.get("num_iterations", step):
+            step = None
+    elif force and step is None:
+        say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    barrier()  # every rank has decided from the same files before any of them moves
+    if step is None and master:
+        aside = move_aside(ckpt_dir) if storage.exists(ckpt_dir) else None
+        if aside:
+            say(f"{ckpt_dir} already held checkpoints of another or a finished run: moved them to {aside}")
+        storage.makedirs(ckpt_dir)
+    barrier()
+    return step
 
 
 def load_rank_state(ckpt_dir: str, step: int, rank: int, device="cpu") -> dict:

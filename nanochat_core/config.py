@@ -10,7 +10,7 @@ Defaults are the d20 speedrun's; presets.py derives the other variants from them
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,33 @@ class TrainingConfig(TorchStageConfig):
     """A torch stage that trains: seeded."""
 
     seed: int = Field(42, description="random seed")
+
+
+class CheckpointedConfig(TrainingConfig):
+    """A training stage that checkpoints as it goes and continues an unfinished run of itself.
+
+    A run whose settings (all but the bookkeeping ones in RUN_KEY_EXCLUDES) and inputs equal those of an
+    unfinished run in its output directory continues from that run's latest checkpoint; any other run
+    moves the old checkpoints aside.
+    """
+
+    save_every: int = Field(-1, description="steps between checkpoints (-1: see save_every_minutes)")
+    save_every_minutes: float = Field(
+        -1.0, description="checkpoint about every this many minutes of estimated training time (the plan's GPU "
+        "and MFU), resolved to steps at run time; save_every wins when set (-1: only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints to keep")
+    resume: bool = Field(
+        False, description="continue from the latest checkpoint even if settings other than the model changed")
+
+    # What changes when a run saves, evaluates or reports, or where it writes, not what it computes.
+    RUN_KEY_EXCLUDES: ClassVar[frozenset[str]] = frozenset({
+        "save_every", "save_every_minutes", "keep_last", "resume", "out", "nproc_per_node", "eval_every",
+        "eval_tokens", "sample_every", "loader_threads",
+    })
+
+    def run_settings(self) -> dict:
+        """The settings that decide the run's trajectory: equal ones may continue each other's checkpoints."""
+        return self.model_dump(mode="json", exclude=set(self.RUN_KEY_EXCLUDES))
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -106,7 +133,7 @@ class TokEvalConfig(StageConfig):
 # --- pretraining ------------------------------------------------------------------------------
 
 
-class BaseTrainConfig(TrainingConfig):
+class BaseTrainConfig(CheckpointedConfig):
     """`nanochat base-train`: pretraining. Depth is the one dial; the plan derives the rest."""
 
     depth: int = Field(20, ge=1, description="number of transformer layers")
@@ -135,9 +162,6 @@ class BaseTrainConfig(TrainingConfig):
     eval_every: int = Field(250, description="steps between val bpb evaluations (-1: end only)")
     eval_tokens: int = Field(20 * 524_288, ge=1, description="val tokens per bpb evaluation")
     sample_every: int = Field(2000, description="steps between sample generations (-1: off)")
-    save_every: int = Field(-1, description="steps between checkpoints (-1: only at the end)")
-    keep_last: int = Field(2, ge=1, description="checkpoints to keep")
-    resume: bool = Field(False, description="continue from the latest complete checkpoint")
     nnodes: int = Field(1, ge=1, description="nodes for torchrun (c10d rendezvous)")
     compile: bool = Field(True, description="torch.compile the model where it helps")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: off)")
@@ -282,7 +306,7 @@ class FromCheckpointConfig(TrainingConfig):
     out: str | None = Field(None, description="checkpoint directory (default: <base>/<stage>_checkpoints/d<depth>)")
 
 
-class PostTrainConfig(FromCheckpointConfig):
+class PostTrainConfig(FromCheckpointConfig, CheckpointedConfig):
     """Fields shared by midtraining and SFT (each stage declares its own defaults below)."""
 
     val_examples: int = Field(200, ge=0, description="examples held out of the mixture for the val loss")

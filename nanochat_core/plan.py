@@ -53,6 +53,8 @@ class Plan:
     gpu: str
     mfu: float
     est_hours: float
+    save_every: int  # steps between checkpoints, 0: only the final step (which is always saved)
+    num_checkpoints: int
     est_cost_usd: float
     est_peak_mem_gb: float
     device_memory_gb: float
@@ -78,6 +80,26 @@ def estimate_peak_mem_gb(num_params: int, wte_params: int, n_layer: int, model_d
     activations = 34 * model_dim * n_layer * tokens
     logits = 2 * tokens * padded_vocab
     return (states + activations + logits) / GIB
+
+
+def step_seconds(flops_per_token: float, tokens_per_step: int, world: int, assume: PlanConfig) -> float:
+    """Estimated seconds per optimizer step on the plan's GPU at its MFU (6N-style FLOPs per token)."""
+    return flops_per_token * tokens_per_step / (get_device(assume.gpu).peak_flops * world * assume.mfu)
+
+
+def save_interval(train, num_iterations: int, seconds_per_step: float) -> int:
+    """Steps between checkpoints of a CheckpointedConfig: its save_every, or else save_every_minutes of
+    estimated training time rounded down to whole steps (at least 1); 0 when neither is set."""
+    if train.save_every > 0:
+        return train.save_every
+    if train.save_every_minutes > 0:
+        return max(1, min(num_iterations, int(train.save_every_minutes * 60 / seconds_per_step)))
+    return 0
+
+
+def checkpoint_steps(num_iterations: int, every: int) -> int:
+    """How many checkpoints a run of `num_iterations` writes: every `every` steps, plus the final one."""
+    return (num_iterations - 1) // every + 1 if every else 1
 
 
 def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: PlanConfig) -> Plan:
@@ -126,6 +148,7 @@ def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: 
     tokens_available = num_shards * assume.chars_per_shard / assume.chars_per_token
     device = get_device(assume.gpu)
     est_seconds = total_flops / (device.peak_flops * world * assume.mfu)
+    save_every = save_interval(train, num_iterations, est_seconds / num_iterations)
 
     def peak(batch: int) -> float:
         return estimate_peak_mem_gb(num_params, wte_params, mcfg.n_layer, mcfg.n_embd,
@@ -150,7 +173,8 @@ def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: 
         flops_per_token=flops_per_token, total_flops=total_flops,
         chars_per_token=assume.chars_per_token, shards_needed=shards_needed, num_shards=num_shards,
         epochs=total_tokens / tokens_available, gpu=device.name, mfu=assume.mfu,
-        est_hours=est_seconds / 3600, est_cost_usd=est_seconds / 3600 * assume.usd_per_gpu_hour * world,
+        est_hours=est_seconds / 3600, save_every=save_every,
+        num_checkpoints=checkpoint_steps(num_iterations, save_every), est_cost_usd=est_seconds / 3600 * assume.usd_per_gpu_hour * world,
         est_peak_mem_gb=peak(train.device_batch_size), device_memory_gb=device.memory_gb,
         suggested_device_batch_size=suggested,
     )
@@ -167,6 +191,14 @@ def _human(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def checkpoint_line(p: Plan) -> str:
+    if p.num_checkpoints == 1:
+        return "at the end only: a crash loses the whole run (set --save-every-minutes)"
+    minutes = p.est_hours * 60 * p.save_every / p.num_iterations
+    return (f"every {p.save_every:,} steps (~{minutes:.1f} min) and at the end: {p.num_checkpoints} saves; "
+            f"a crash loses at most ~{minutes:.0f} min of training")
 
 
 def format_plan(p: Plan, preset: str) -> str:
@@ -192,6 +224,7 @@ def format_plan(p: Plan, preset: str) -> str:
         f"→ {p.epochs:.2f} epochs",
         "estimates",
         f"  time {p.est_hours:.2f} h ({p.est_hours * 60:.1f} min) at {p.mfu:.0%} MFU; cost ${p.est_cost_usd:,.2f}",
+        f"  checkpoints {checkpoint_line(p)}",
         f"  peak memory ~{p.est_peak_mem_gb:.1f} GiB per device of {p.device_memory_gb:.0f} GiB ({fits}); "
         f"suggested --device-batch-size {p.suggested_device_batch_size or 'none fits: lower --max-seq-len or use a bigger device'}",
     ]

@@ -3,11 +3,15 @@ conversations, the optimizer pair, and writing checkpoints like base_train does.
 
     model, tokenizer, meta = load_start("mid_train", inputs["model"]["path"], step, device)
     opt = make_optimizers(model, cfg)                   # Muon + AdamW, lrs × init_lr_frac
-    save(ckpt_dir, step, rt, model, opt, meta)          # model_/meta_/optim_ files, meta last
+    start, stats = ctx.resume_or_start(model, opt, batches)   # continue an unfinished run, or step 0
+    stats = train_loop(ctx, model, opt, batches, N, accum, sc, evaluate, start, stats)  # checkpoints on the way
 
 Stage outputs (paths.output_dir): <base>/mid_checkpoints/d<depth>, chatsft_checkpoints/d<depth>,
 chatrl_checkpoints/d<depth> (nanochat's names), at the depth of the model they start from; each is
 readable by `checkpoint.load_model` because the meta carries the model config and the tokenizer directory.
+Mid and SFT checkpoint every `save_every` steps (or `save_every_minutes` of estimated training) and
+continue an unfinished run of the same settings and inputs exactly: model, optimizer, the batch
+cursor and the RNG are in the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import torch
 import torch.distributed as tdist
 
 from nanochat_core import artifacts, dist, storage
-from nanochat_core.checkpoint import latest_step, load_model, move_aside, save_checkpoint
-from nanochat_core.config import PipelineConfig
+from nanochat_core.checkpoint import (
+    continue_or_start, latest_step, load_model, load_model_state, load_rank_state, move_aside, read_meta, run_key,
+    save_checkpoint,
+)
+from nanochat_core.config import PipelineConfig, PostTrainConfig
 from nanochat_core.errors import UserError
 from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.paths import join
+from nanochat_core.plan import save_interval, step_seconds
 from nanochat_core.registry import FAMILIES, STAGES
 from nanochat_core.tasks import TaskMixture, build_task
 
@@ -43,15 +51,33 @@ def load_start(stage: str, source: str, step: int | None, device):
     return model, tokenizer, meta
 
 
+class Batches:
+    """A stage's training batches as a stream that can stop and continue: `make(cursor)` returns
+    (batch, next cursor), and the cursor is what a checkpoint keeps of the data position."""
+
+    def __init__(self, make: Callable[[int], tuple]):
+        self.make, self.cursor = make, 0
+
+    def __call__(self):
+        batch, self.cursor = self.make(self.cursor)
+        return batch
+
+
 @dataclass
 class StageRun:
-    """What a post-training stage's loop and its end share: who it is, where it writes, and its sinks."""
+    """What a post-training stage's loop and its end share: who it is, where it writes, its sinks, and
+    the facts its checkpoints record (the meta, less the step and the loop's figures)."""
 
     stage: str  # registry name (mid_train): the ref's stage
     label: str  # console prefix (mid-train)
     out: str  # checkpoint directory
     rt: dist.Runtime
     autocast: Callable
+    sc: PostTrainConfig | None = None
+    meta: dict = field(default_factory=dict)
+    key: str = ""  # checkpoint.run_key of this run's settings and inputs
+    save_every: int = 0  # steps between checkpoints (0: only the final one)
+    resumed_from: int | None = None
     say: dist.Console = field(init=False)
     metrics: dist.MetricsLog = field(init=False)
     started: float = field(default_factory=time.time)
@@ -59,6 +85,54 @@ class StageRun:
     def __post_init__(self) -> None:
         self.say = dist.Console(self.rt.master)
         self.metrics = dist.MetricsLog(join(self.out, "metrics.jsonl") if self.rt.master else None)
+
+    def plan_checkpoints(self, cfg: PipelineConfig, inputs: dict[str, dict], model, start_meta: dict, source: str,
+                         num_iterations: int, tokens_per_step: int) -> None:
+        """Fix the run key, the checkpoint cadence (save_every_minutes through the plan's estimate of a
+        step: `tokens_per_step` at the model's FLOPs per token) and the meta every checkpoint carries."""
+        sc = self.sc
+        self.key = run_key(self.stage, sc.run_settings(), self.rt.world, inputs)
+        seconds = step_seconds(model.estimate_flops(), tokens_per_step, self.rt.world, cfg.plan)
+        self.save_every = save_interval(sc, num_iterations, seconds)
+        self.meta = {**base_meta(self.stage, 0, model, start_meta, source, cfg, sc),
+                     "num_iterations": num_iterations, "run_key": self.key}
+        if self.save_every and self.save_every < num_iterations:
+            self.say(f"{self.label}: checkpoints every {self.save_every} steps and at step {num_iterations}")
+
+    def resume_or_start(self, model, opt, batches: Batches) -> tuple[int, dict]:
+        """(first step, loop figures): an unfinished run with this key in `out` continues from its latest
+        checkpoint (model, optimizer, batch cursor, RNG, figures); else old checkpoints move aside."""
+        rt = self.rt
+        step = continue_or_start(self.out, self.key, rt.master, dist.barrier, self.say, force=self.sc.resume)
+        self.resumed_from = step
+        if step is None:
+            self.metrics.truncate_after(0)  # left by a run that crashed before its first checkpoint
+            return 0, {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
+        meta = read_meta(self.out, step)
+        try:
+            model.load_state_dict(load_model_state(self.out, step, rt.device))
+        except RuntimeError:
+            raise UserError(f"checkpoint {self.out} step {step} is a different model than --model; "
+                            "drop --resume to start fresh") from None
+        rank_state = load_rank_state(self.out, step, rt.rank, rt.device)
+        opt.load_state_dict(rank_state["optim"])
+        torch.set_rng_state(rank_state["rng"].cpu())
+        batches.cursor = rank_state["cursor"]
+        self.metrics.truncate_after(step)
+        self.say(f"{self.label}: resumed from step {step} of {self.out}")
+        return step, meta["loop"]
+
+    def checkpoint(self, step: int, model, opt, batches: Batches | None, loop: dict) -> None:
+        """Checkpoint in base_train's layout (meta written last); the model config and tokenizer dir in
+        the meta make it loadable by `checkpoint.load_model`."""
+        rt = self.rt
+        rank_state = {"optim": opt.state_dict(), "rng": torch.get_rng_state(),
+                      "cursor": batches.cursor if batches else 0}
+        meta = {**self.meta, "step": step, "loop": loop, "time": time.time()}
+        save_checkpoint(self.out, step, rt.rank, model.state_dict() if rt.master else None, rank_state,
+                        meta if rt.master else None, barrier=dist.barrier,
+                        keep_last=self.sc.keep_last if self.sc else 1)
+        self.metrics.flush()
 
 
 def make_optimizers(model, sc):
@@ -117,14 +191,6 @@ def fresh_output(ckpt_dir: str, rt: dist.Runtime, say) -> None:
     dist.barrier()
 
 
-def save(ckpt_dir: str, step: int, rt: dist.Runtime, model, opt, meta: dict) -> None:
-    """Checkpoint in base_train's layout (meta written last); the model config and tokenizer dir in
-    the meta make it loadable by `checkpoint.load_model`."""
-    rank_state = {"optim": opt.state_dict(), "rng": torch.get_rng_state()}
-    save_checkpoint(ckpt_dir, step, rt.rank, model.state_dict() if rt.master else None, rank_state,
-                    meta if rt.master else None, barrier=dist.barrier, keep_last=1)
-
-
 def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: PipelineConfig, stage_cfg) -> dict:
     return {
         "stage": stage, "step": step, "model_config": model.config.to_dict(), "user_config": stage_cfg.model_dump(),
@@ -133,17 +199,16 @@ def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: 
     }
 
 
-def finish_supervised(ctx: StageRun, model, opt, meta: dict, stats: dict, **provenance) -> dict:
+def finish_supervised(ctx: StageRun, model, opt, batches: Batches, N: int, stats: dict, **provenance) -> dict:
     """The end of mid_train and chat_sft: final checkpoint, metrics flushed, the stage's ref."""
     out, rt = ctx.out, ctx.rt
-    step = meta["step"]
-    save(out, step, rt, model, opt, meta)
-    ctx.metrics.flush()
-    figures = {"step": step, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
+    ctx.checkpoint(N, model, opt, batches, stats)
+    figures = {"step": N, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
                "trained_tokens": stats["tokens"], "train_time_s": stats["train_time_s"],
-               "seconds": time.time() - ctx.started, "metrics_path": join(out, "metrics.jsonl")}
+               "seconds": time.time() - ctx.started, "metrics_path": join(out, "metrics.jsonl"),
+               "resumed_from": ctx.resumed_from}
     ref = artifacts.make_ref(ctx.stage, out, figures) if rt.master else {"path": out, **figures}
-    ctx.say(f"{ctx.label} done: {step} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
+    ctx.say(f"{ctx.label} done: {N} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
     return ref
 
 
@@ -163,16 +228,18 @@ def masked_loss(model, batches, autocast, device) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def train_loop(ctx: StageRun, model, opt, next_batch, num_iterations: int, accum: int, sc, evaluate=None,
-               grad_clip: float = 1.0) -> dict:
+def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: int, accum: int, sc, evaluate=None,
+               start: int = 0, stats: dict | None = None, grad_clip: float = 1.0) -> dict:
     """The optimizer loop mid and SFT share: `accum` micro-batches per step, each micro-batch's loss
     the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
-    `evaluate(step)` runs every `eval_every` steps and at the end; returns the loop's figures."""
+    Steps `start`+1..N (a continued run passes its checkpoint's step and figures); `evaluate(step)`
+    runs every `eval_every` steps and at the end; a checkpoint every `ctx.save_every` steps (the final
+    one is finish_supervised's). Returns the loop's figures."""
     rt, say, metrics, autocast, stage = ctx.rt, ctx.say, ctx.metrics, ctx.autocast, ctx.label
     N = num_iterations
-    stats = {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
+    stats = stats or {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
     model.train()
-    for step in range(N):
+    for step in range(start, N):
         lrm = lr_multiplier(step, N, 0.0, sc.warmdown_ratio, 0.0)
         opt.set_schedule(lrm, muon_momentum(step))
         t0 = time.perf_counter()
@@ -207,4 +274,6 @@ def train_loop(ctx: StageRun, model, opt, next_batch, num_iterations: int, accum
         last = step + 1 == N
         if evaluate is not None and (last or (sc.eval_every > 0 and (step + 1) % sc.eval_every == 0)):
             stats["val_loss"] = evaluate(step + 1)
+        if not last and ctx.save_every and (step + 1) % ctx.save_every == 0:
+            ctx.checkpoint(step + 1, model, opt, next_batch, stats)
     return stats

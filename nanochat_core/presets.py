@@ -32,7 +32,10 @@ def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None
 
 def d20() -> PipelineConfig:
     """The $100 speedrun: 561M parameters, 11.2B tokens, 8×H100 for ~4 hours."""
-    return _derive(PipelineConfig(devices_per_node=8), "d20")
+    # A checkpoint every ~15 minutes of estimated training, so a node lost mid-run costs at most that much
+    # (the step counts follow from the plan at run time: `nanochat plan --preset d20` prints them).
+    every = {"save_every_minutes": 15}
+    return _derive(PipelineConfig(devices_per_node=8), "d20", base_train=every, mid_train=every, chat_sft=every)
 
 
 def d26() -> PipelineConfig:

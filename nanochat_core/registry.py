@@ -32,7 +32,7 @@ class Stage:
     out: str  # default output under the base dir; {depth} and {source} filled in by paths.output_dir
     inputs: tuple[str, ...] = ()  # named refs run(cfg, inputs) reads (each may be absent if optional)
     optional: tuple[str, ...] = ()  # of those, the ones the stage can do without
-    resumable: bool = False  # a retry continues from the latest checkpoint
+    resumable: bool = False  # checkpoints as it trains; a retry or a new run of the same settings continues
     family: str | None = None  # checkpoint family it writes (base/mid/sft/rl): a model, registered in MLflow
     starts_from: str | None = None  # checkpoint family its `model` input comes from (None: its config says)
     devices: Devices = "none"
@@ -67,11 +67,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           reads=("base_eval", "core"), out="base_eval/d{depth}", inputs=("model", "tokenizer", "shards", "eval_bundle"),
           optional=("eval_bundle",), starts_from="base", devices="node", skippable=True),
     Stage("mid_train", "mid-train", "midtrain: chat format, multiple choice, tool use, spelling",
-          reads=("mid_train", "preset"), out="mid_checkpoints/d{depth}", inputs=("model",),
-          family="mid", starts_from="base", devices="node"),
+          reads=("mid_train", "plan", "preset"), out="mid_checkpoints/d{depth}", inputs=("model",),
+          resumable=True, family="mid", starts_from="base", devices="node"),
     Stage("chat_sft", "sft", "supervised fine-tuning, loss on assistant tokens only",
-          reads=("chat_sft", "preset"), out="chatsft_checkpoints/d{depth}", inputs=("model",),
-          family="sft", starts_from="mid", devices="node"),
+          reads=("chat_sft", "plan", "preset"), out="chatsft_checkpoints/d{depth}", inputs=("model",),
+          resumable=True, family="sft", starts_from="mid", devices="node"),
     Stage("chat_rl", "rl", "reinforcement learning on math word problems (pass@k logged)",
           reads=("chat_rl", "preset"), out="chatrl_checkpoints/d{depth}", inputs=("model",),
           family="rl", starts_from="sft", devices="node", skippable=True),

@@ -2,7 +2,8 @@
 
     nanochat base-train --preset tiny
     nanochat base-train --preset d4-cpu --num-iterations 200 --save-every 50
-    nanochat base-train --preset d4-cpu --resume            # continue from the latest checkpoint
+    nanochat base-train --preset d4-cpu --num-iterations 200 --save-every 50    # after a crash: continues
+    nanochat base-train --preset d4-cpu --num-iterations 400 --resume    # continue with other settings
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_train --config cfg.json
 
 Reads its `tokenizer` and `shards` inputs (exactly the shards that ref lists; run by hand, by default
@@ -21,11 +22,12 @@ import torch
 
 from nanochat_core import artifacts, dist, hardware
 from nanochat_core.checkpoint import (
+    continue_or_start,
     latest_step,
     load_model_state,
     load_rank_state,
-    move_aside,
     read_meta,
+    run_key,
     save_checkpoint,
 )
 from nanochat_core.config import PipelineConfig
@@ -37,7 +39,7 @@ from nanochat_core.model.gpt import GPTConfig, build_model
 from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.model.samples import greedy_samples
 from nanochat_core.paths import join, output_dir
-from nanochat_core.plan import make_plan
+from nanochat_core.plan import checkpoint_line, make_plan
 from nanochat_core.stage_args import parse
 from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
@@ -75,17 +77,11 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     model = build_model(model_cfg, rt.device)
     opt = Optimizers(model, tc.embedding_lr, tc.unembedding_lr, tc.matrix_lr, tc.weight_decay)
 
-    # --- fresh start or resume -------------------------------------------------------------
+    # --- continue an unfinished run of these settings and inputs, or start fresh ----------------
+    key = run_key("base_train", tc.run_settings(), rt.world, inputs)
     step, loader_state, loop = 0, None, {"loss_ema": 0.0, "total_time": 0.0, "val_bpb": None,
                                          "min_val_bpb": None, "last_line": None}
-    resume_step = latest_step(ckpt_dir) if tc.resume else None
-    if tc.resume and resume_step is None:
-        say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
-    if resume_step is None and rt.master:
-        aside = move_aside(ckpt_dir)
-        if aside:
-            say(f"{ckpt_dir} already held checkpoints: moved them to {aside} (pass --resume to continue instead)")
-    dist.barrier()
+    resume_step = continue_or_start(ckpt_dir, key, rt.master, dist.barrier, say, force=tc.resume)
     if resume_step is not None:
         meta = read_meta(ckpt_dir, resume_step)
         if meta["model_config"] != model_cfg.to_dict():
@@ -104,10 +100,10 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         opt.load_state_dict(rank_state["optim"])
         torch.set_rng_state(rank_state["rng"].cpu())
         loader_state, loop, step = rank_state["loader"], meta["loop"], resume_step
-        say(f"resumed from {ckpt_dir} step {step}")
+        say(f"resumed from step {step} of {ckpt_dir}")
         if step >= N:
             say(loop["last_line"] or f"step {step:05d}/{N:05d} | finished")
-            return _result(ckpt_dir, step, N, loop, plan, rt.master)
+            return _result(ckpt_dir, step, N, loop, plan, rt.master, resume_step)
 
     say(f"model: depth {tc.depth}, dim {model_cfg.n_embd}, {model_cfg.n_head} heads, vocab {tokenizer.vocab_size:,}, "
         f"{plan.num_params:,} parameters; {N} steps of {tc.total_batch_size:,} tokens "
@@ -123,6 +119,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     eval_steps = max(1, tc.eval_tokens // (B * T * rt.world))
     flops_per_step = plan.flops_per_token * tc.total_batch_size
     peak = hardware.peak_flops(rt.device, cfg.plan.gpu) * rt.world
+    if plan.save_every:
+        say(f"checkpoints every {plan.save_every} steps and at step {N} (plan: {checkpoint_line(plan)})")
 
     def evaluate(at_step: int) -> None:
         model.eval()
@@ -145,7 +143,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
     def checkpoint(at_step: int, loader_snapshot: dict) -> None:
         meta = {
-            "step": at_step, "model_config": model_cfg.to_dict(), "user_config": tc.model_dump(),
+            "step": at_step, "num_iterations": N, "run_key": key, "model_config": model_cfg.to_dict(), "user_config": tc.model_dump(),
             "preset": cfg.preset, "plan": plan.to_dict(), "world_size": rt.world, "device_batch_size": B,
             "total_batch_size": tc.total_batch_size, "max_seq_len": T, "loader_position": loader_snapshot["position"],
             "loop": loop, "val_bpb": loop["val_bpb"], "tokenizer_dir": tok_dir, "data_dir": data_dir,
@@ -167,7 +165,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     first_step = True
     x, y = next(train_loader)
     while step < N:
-        save_now = step + 1 == N or (tc.save_every > 0 and (step + 1) % tc.save_every == 0)
+        save_now = step + 1 == N or (plan.save_every > 0 and (step + 1) % plan.save_every == 0)
         lrm = lr_multiplier(step, N, tc.warmup_ratio, tc.warmdown_ratio, tc.final_lr_frac)
         opt.set_schedule(lrm, muon_momentum(step))
         t0 = time.perf_counter()
@@ -219,7 +217,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         if save_now:
             checkpoint(step, loader_snapshot)
 
-    result = _result(ckpt_dir, step, N, loop, plan, rt.master)
+    result = _result(ckpt_dir, step, N, loop, plan, rt.master, resume_step)
     if rt.master:
         say(f"done: {step} steps, min val bpb {loop['min_val_bpb']}, {loop['total_time'] / 60:.2f} min of training; "
             f"checkpoints in {ckpt_dir}")
@@ -230,13 +228,13 @@ def _describe(model_config: dict) -> str:
     return f"depth {model_config['n_layer']}, dim {model_config['n_embd']}, vocab {model_config['vocab_size']}"
 
 
-def _result(ckpt_dir: str, step: int, N: int, loop: dict, plan, master: bool) -> dict:
+def _result(ckpt_dir: str, step: int, N: int, loop: dict, plan, master: bool, resumed_from: int | None) -> dict:
     """The stage's ref (rank 0 also writes it as result.json, with the manifest of the checkpoint dir)."""
     figures = {
         "step": step, "num_iterations": N, "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
         "num_params": plan.num_params, "total_tokens": step * plan.total_batch_size,
         "total_training_time_s": loop["total_time"], "flops_per_token": plan.flops_per_token,
-        "metrics_path": join(ckpt_dir, "metrics.jsonl"),
+        "metrics_path": join(ckpt_dir, "metrics.jsonl"), "resumed_from": resumed_from,
     }
     return artifacts.make_ref("base_train", ckpt_dir, figures) if master else {"path": ckpt_dir, **figures}
 

@@ -28,14 +28,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.engine import Engine
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import join, output_dir
-from nanochat_core.post_train import (
-    base_meta,
-    build_mixture,
-    fresh_output,
-    load_start,
-    make_optimizers,
-    save,
-)
+from nanochat_core.post_train import StageRun, base_meta, build_mixture, fresh_output, load_start, make_optimizers
 from nanochat_core.stage_args import parse
 from nanochat_core.tasks.math import GSM8K
 
@@ -112,7 +105,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     engine = Engine(model, tokenizer)
     autocast = hardware.autocast(rc.dtype, rt.device)
     fresh_output(out, rt, say)
-    metrics = dist.MetricsLog(join(out, "metrics.jsonl") if rt.master else None)
+    ctx = StageRun("chat_rl", "rl", out, rt, autocast)
+    metrics = ctx.metrics
     opt = make_optimizers(model, rc)
     say(f"rl: from {src} (step {start_meta['step']}), {len(mixture):,} problems, {N} steps of {rc.examples_per_step} "
         f"questions × {rc.num_samples} samples, {rc.max_new_tokens} new tokens")
@@ -170,8 +164,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
                        "train/sampled_tokens": summed["sampled_tokens"], "train/lr_mult": lrm, "train/dt_ms": dt * 1000})
         if step + 1 == N or (rc.eval_every > 0 and (step + 1) % rc.eval_every == 0):
             scores = evaluate(step + 1)
-    save(out, N, rt, model, opt, base_meta("chat_rl", N, model, start_meta, src, cfg, rc))
-    metrics.flush()
+    ctx.meta = base_meta("chat_rl", N, model, start_meta, src, cfg, rc)
+    ctx.checkpoint(N, model, opt, None, {})
     figures = {"step": N, "started_from": src, "mean_reward": reward_sum / max(1, reward_count),
                **{f"GSM8K {k}": v for k, v in scores.items()}, "train_time_s": seconds_training,
                "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}

@@ -12,7 +12,6 @@ checkpoints, `metrics.jsonl` and `result.json` to `<base>/chatsft_checkpoints/d<
 
 from __future__ import annotations
 
-
 import torch
 
 from nanochat_core import artifacts, dist, hardware
@@ -21,8 +20,8 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    StageRun,     base_meta, build_mixture, finish_supervised, fresh_output, load_start,
-    make_optimizers, masked_loss, sft_batch, split_val, train_loop,
+    Batches, StageRun, build_mixture, finish_supervised, load_start, make_optimizers, masked_loss, sft_batch,
+    split_val, train_loop,
 )
 from nanochat_core.stage_args import parse
 
@@ -38,7 +37,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     torch.manual_seed(sc.seed)
     model, tokenizer, start_meta = load_start("chat_sft", src, sc.step, rt.device)
     out = output_dir("chat_sft", cfg, depth=model.config.n_layer)
-    ctx = StageRun("chat_sft", "sft", out, rt, hardware.autocast(sc.dtype, rt.device))
+    ctx = StageRun("chat_sft", "sft", out, rt, hardware.autocast(sc.dtype, rt.device), sc)
     say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
     B = sc.device_batch_size
     if sc.examples_per_step % (B * rt.world):
@@ -53,18 +52,13 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     N = sc.num_iterations if sc.num_iterations > 0 else len(train_idx) // sc.examples_per_step * sc.num_epochs
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id works: padded targets are -1
     mine = list(train_idx[rt.rank::rt.world])
-    cursor = 0
 
     def rendered(i: int):
         return render_conversation(tokenizer, mixture[i], max_tokens=sc.max_seq_len + 1)
 
-    def next_batch():
-        nonlocal cursor
-        rows = []
-        for _ in range(B):
-            rows.append(rendered(mine[cursor % len(mine)]))
-            cursor += 1
-        return sft_batch(rows, pad_id, rt.device)
+    def next_rows(cursor: int):
+        rows = [rendered(mine[(cursor + i) % len(mine)]) for i in range(B)]
+        return sft_batch(rows, pad_id, rt.device), cursor + B
 
     val_mine = list(val_idx[rt.rank::rt.world])
 
@@ -79,11 +73,12 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
     say(f"sft: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations, {N} steps of "
         f"{sc.examples_per_step} ({accum} micro-batches of {B} per process)")
-    fresh_output(out, rt, say)
-    opt = make_optimizers(model, sc)
-    stats = train_loop(ctx, model, opt, next_batch, N, accum, sc, evaluate)
-    return finish_supervised(ctx, model, opt, base_meta("chat_sft", N, model, start_meta, src, cfg, sc), stats,
-                             started_from=src, conversations=len(train_idx))
+    # The cadence's estimate of a step counts every row at full length: padded SFT rows are shorter.
+    ctx.plan_checkpoints(cfg, inputs, model, start_meta, src, N, sc.examples_per_step * sc.max_seq_len)
+    batches, opt = Batches(next_rows), make_optimizers(model, sc)
+    start, stats = ctx.resume_or_start(model, opt, batches)
+    stats = train_loop(ctx, model, opt, batches, N, accum, sc, evaluate, start, stats)
+    return finish_supervised(ctx, model, opt, batches, N, stats, started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -13,7 +13,6 @@ Rank r takes examples r, r+W, ... of the shuffled mixture. Writes checkpoints, `
 
 from __future__ import annotations
 
-
 import torch
 
 from nanochat_core import artifacts, dist, hardware
@@ -22,8 +21,8 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    StageRun, all_reduce_min, base_meta, build_mixture, finish_supervised, fresh_output,
-    load_start, make_optimizers, masked_loss, split_val, train_loop,
+    Batches, StageRun, all_reduce_min, build_mixture, finish_supervised, load_start, make_optimizers, masked_loss,
+    split_val, train_loop,
 )
 from nanochat_core.stage_args import parse
 
@@ -53,7 +52,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     torch.manual_seed(mc.seed)
     model, tokenizer, start_meta = load_start("mid_train", src, mc.step, rt.device)
     out = output_dir("mid_train", cfg, depth=model.config.n_layer)
-    ctx = StageRun("mid_train", "mid-train", out, rt, hardware.autocast(mc.dtype, rt.device))
+    ctx = StageRun("mid_train", "mid-train", out, rt, hardware.autocast(mc.dtype, rt.device), mc)
     say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
     T, B = mc.max_seq_len, mc.device_batch_size
     if T > model.config.sequence_len * 10:
@@ -77,15 +76,11 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     say(f"mid-train: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations "
         f"({len(rows):,} rows of {T} tokens on this rank), {N} steps × {accum} micro-batches of {B}")
 
-    cursor = 0
-
-    def next_batch():
-        nonlocal cursor
+    def next_rows(cursor: int):
         if cursor + B > len(rows):
             cursor = 0  # a further pass over the data (explicit --num-iterations beyond one pass)
         batch = rows[cursor: cursor + B]
-        cursor += B
-        return batch[:, :-1], batch[:, 1:]
+        return (batch[:, :-1], batch[:, 1:]), cursor + B
 
     def evaluate(step: int):
         if not len(val_rows) and rt.world == 1:
@@ -97,11 +92,11 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             metrics.write({"step": step, "val/loss": loss})
         return loss
 
-    fresh_output(out, rt, say)
-    opt = make_optimizers(model, mc)
-    stats = train_loop(ctx, model, opt, next_batch, N, accum, mc, evaluate)
-    return finish_supervised(ctx, model, opt, base_meta("mid_train", N, model, start_meta, src, cfg, mc), stats,
-                             started_from=src, conversations=len(train_idx))
+    ctx.plan_checkpoints(cfg, inputs, model, start_meta, src, N, mc.total_batch_size)
+    batches, opt = Batches(next_rows), make_optimizers(model, mc)
+    start, stats = ctx.resume_or_start(model, opt, batches)
+    stats = train_loop(ctx, model, opt, batches, N, accum, mc, evaluate, start, stats)
+    return finish_supervised(ctx, model, opt, batches, N, stats, started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -21,7 +21,12 @@ from typing import Any
 from prefect import get_client, get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.results import get_result_store
-from prefect.states import Cancelled
+from prefect.client.schemas.filters import (
+    TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.states import Cancelled, Crashed
 
 from flows.cache import StageCache
 from nanochat_core import hardware, tracking
@@ -61,11 +66,33 @@ def device_tags(stage: str) -> list[str]:
 
 
 def claim_node_devices() -> str:
-    """Make sure this node's devices tag has its concurrency limit of 1 (an upsert; the flow calls it once)."""
+    """Make sure this node's devices tag has its concurrency limit of 1 (an upsert; the flow calls it once),
+    and free the devices of runs that died with their node."""
     tag = device_tag()
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=1)
+        for name in release_orphaned_devices(client, tag):
+            get_run_logger().warning(f"{name} was still Running on {tag} in a flow run that is over: marked Crashed")
     return tag
+
+
+def release_orphaned_devices(client, tag: str) -> list[str]:
+    """Crash the task runs that hold `tag` while their flow run is over; returns their names.
+
+    When a node dies under a flow run, the zombie automation marks the flow run Crashed
+    (flows/automations.py) but its task runs stay Running, and a task run's slot on a tag limit is only
+    released when it leaves Running: the devices would stay taken forever for the node's next run
+    (measured: the re-run's base_train waited in Pending). A forced Crashed state releases it.
+    """
+    running = client.read_task_runs(
+        task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[tag]),
+                                      state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))),
+        sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200,
+    )
+    orphans = [t for t in running if t.flow_run_id and client.read_flow_run(t.flow_run_id).state.is_final()]
+    for t in orphans:
+        client.set_task_run_state(t.id, Crashed(message="its flow run ended while it ran (the node died)"), force=True)
+    return [t.name for t in orphans]
 
 
 def processes(cfg: PipelineConfig, stage: str) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
+import nanochat_core
 from nanochat_core.artifacts import digest_of, verify
 
 # Bump to invalidate every cached stage (e.g. after a change in what a ref means).
@@ -62,10 +64,6 @@ def code_fingerprint(stage: str) -> str:
     tokenizer extension when they use it (a change in the Rust code alone counts too). Editing serve/
     or the report leaves a cached pretraining Cached. The same on a worker image: it hashes the sources
     it carries, so two images with the same code share their cache records."""
-    import importlib.util
-
-    import nanochat_core
-
     root = Path(nanochat_core.__file__).parent
     todo, seen, files, external = [f"{PACKAGE}.stages.{stage}"], set(), {}, set()
     while todo:

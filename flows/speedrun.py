@@ -16,12 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+
 from nanochat_core.config import stage_names
 from nanochat_core.data.packages import cache_root
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.flags import CommandParser, set_dotted
 from nanochat_core.paths import base_dir
 from nanochat_core.presets import PRESETS, get_preset
+from nanochat_core.tracking import tracking_uri
 
 
 def embedded_defaults(root: str) -> dict[str, str]:
@@ -80,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MLflow parent run: {result['mlflow_run_id']}")
     print("\nopen the UIs on these stores:")
     print(f"  PREFECT_HOME={os.environ['PREFECT_HOME']} {sys.prefix}/bin/prefect server start")
-    from nanochat_core.tracking import tracking_uri
 
     print(f"  {sys.prefix}/bin/mlflow ui --backend-store-uri {tracking_uri()} --workers 1")
 
@@ -91,10 +95,6 @@ def stage_summary(flow_run_id, settle_s: float = 60) -> list[dict]:
     Prefect 3 records task-run states through events the API applies a moment later, so right after the
     flow returns some runs can still read Pending / Running: wait (bounded) until every one is final.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
     deadline = time.time() + settle_s
     with get_client(sync_client=True) as client:
         while True:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from nanochat_core.errors import UserError
 from nanochat_core.model.gpt import LOGIT_SOFTCAP, KVCache, apply_rotary_emb, norm, sample_next
+from nanochat_core.sandbox import calculate
 
 
 @dataclass
@@ -42,8 +43,6 @@ class RowState:
 class Engine:
     def __init__(self, model, tokenizer, tool: Callable[[str], str] | None = "calculator"):
         """`tool`: called with the python block's text, returns the output text; None disables tools."""
-        from nanochat_core.sandbox import calculate
-
         self.model, self.tokenizer = model, tokenizer
         self.tool = calculate if tool == "calculator" else tool
         special = tokenizer.encode_special

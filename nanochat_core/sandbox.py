@@ -28,14 +28,20 @@ stdin, so it imports nothing but the standard library at the top.
 from __future__ import annotations
 
 import ast
+import builtins
+import contextlib
 import functools
+import io
 import json
 import os
+import pwd
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 
 MAX_EXPR_CHARS = 500
@@ -140,8 +146,6 @@ def isolation() -> dict:
                 continue
     uid = gid = None
     if root:
-        import pwd
-
         try:
             entry = pwd.getpwnam(NOBODY)
             uid, gid = entry.pw_uid, entry.pw_gid
@@ -216,8 +220,6 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, python_g
 
 def _confine(request: dict) -> None:
     """Chroot, drop privileges and set limits: after this the process cannot undo any of it."""
-    import resource
-
     if request.get("chroot"):
         os.chroot(request["chroot"])
         os.chdir("/")
@@ -249,11 +251,6 @@ def _guarded_import(original):
 
 
 def _worker_main() -> None:
-    import builtins
-    import contextlib
-    import io
-    import traceback
-
     request = json.loads(sys.stdin.read())
     out = sys.stdout
     mode = request["mode"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import tenacity
+from tqdm.auto import tqdm
 
 from nanochat_core import storage
 from nanochat_core.config import FINEWEB_EDU_URL
@@ -238,8 +239,6 @@ def download_shards(
     progress: bool = True,
 ) -> dict:
     """Fetch `indices` from `template` into `dest_dir`; returns (and writes) the download manifest."""
-    from tqdm.auto import tqdm
-
     storage.makedirs(dest_dir)
     removed = storage.remove_stale_temps(dest_dir)
     manifest_url = join(dest_dir, MANIFEST)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import statistics
 import threading
 import time
@@ -53,8 +54,6 @@ def claim_cpu_threads(replicas: list[Replica]) -> None:
     took one stream from 1,127 to 1,619 tokens/s and 20 clients from 3,624 to 5,682 (bench/serve_load.py's
     d2 model). Process-wide, so only entry points call it, never the pool (tests build pools in-process).
     """
-    import os
-
     import torch
 
     cpu = sum(r.device.type == "cpu" for r in replicas)

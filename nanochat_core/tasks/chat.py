@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import yaml
+
 from nanochat_core.chat_format import ConversationError, messages_of
 from nanochat_core.errors import UserError
 from nanochat_core.tasks import sources
@@ -32,8 +34,6 @@ class SmolTalk(Task):
 @functools.lru_cache(maxsize=1)
 def chatterbot_conversations() -> tuple[tuple[str, ...], ...]:
     """The 2,026 English conversations of chatterbot-corpus 1.3.3, file by file in name order."""
-    import yaml
-
     archive = sources.wheel(sources.CHATTERBOT)
     out = []
     for name in sorted(archive.names):

@@ -11,6 +11,7 @@ import gzip
 import json
 import re
 
+from nanochat_core.sandbox import run_python
 from nanochat_core.tasks import sources
 from nanochat_core.tasks.base import Conversation, Task
 
@@ -55,8 +56,6 @@ class HumanEval(Task):
                 "task_id": p["task_id"], "entry_point": p["entry_point"], "test": p["test"], "prompt": p["prompt"]}
 
     def evaluate(self, conversation: Conversation, completion: str) -> int:
-        from nanochat_core.sandbox import run_python
-
         program = extract_program(conversation["prompt"], completion)
         test = f"{program}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
         result = run_python(test, timeout_s=TIME_LIMIT_S, memory_mb=MEMORY_LIMIT_MB)

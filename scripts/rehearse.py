@@ -286,3 +286,7 @@ def check_tracking(check: Checks, flow_run_id: str) -> None:
     check(bool(headline), "the parent carries headline metrics", ", ".join(sorted(headline)[:8]))
     versions = client.search_model_versions("name='nanochat'")
     check(len(versions) >= 3, "model versions registered", f"{len(versions)} versions")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,3 +195,55 @@ def test_remote_shards_are_fetched_once_into_the_read_cache(s3, moto_port, monke
         assert next(iter_row_groups(urls[:1]))[0] == ["a rewritten shard"]  # a new ETag is fetched again
     finally:
         proxy.close()
+
+
+# --- Prefect's cache records --------------------------------------------------------------------
+
+# A flow with the project's real stage task (cache policy, result storage, claim) around a stage that
+# writes one file: what the `nanochat` flow does for every stage, minus the stage process.
+ONE_STAGE_FLOW = textwrap.dedent("""
+    from prefect import flow
+    import flows.tasks as tasks
+    from nanochat_core import storage
+    from nanochat_core.artifacts import make_ref
+    from nanochat_core.config import PipelineConfig
+    from nanochat_core.paths import base_dir, join
+
+    def execute(stage, cfg, inputs, parent_run_id):
+        print("EXECUTED", flush=True)
+        storage.write_text(join(base_dir(), "one_stage", "out.txt"), "made once")
+        return make_ref(stage, join(base_dir(), "one_stage"))
+
+    tasks._execute = execute
+
+    @flow
+    def one_stage():
+        tasks.claim_result_storage()
+        state = tasks.stage_task("report")("report", {"x": 1}, {}, PipelineConfig(), None, return_state=True)
+        print("STATE", state.name, state.result()["digest"], flush=True)
+
+    one_stage()
+""")
+
+
+@pytest.mark.slow
+def test_a_fresh_worker_sees_the_cache_records_under_the_base_dir(s3, tmp_path):
+    """Two flow runs in fresh processes, each with its own empty PREFECT_HOME (its own ephemeral API and
+    database) and local result path: the second finds the first's cache record on S3 and is Cached."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": f"{s3}/prefix", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    lines = []
+    for worker in ("first", "second"):
+        (tmp_path / worker / "home").mkdir(parents=True)
+        local = {"PREFECT_HOME": str(tmp_path / worker / "home"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / worker / "results")}
+        out = subprocess.run([sys.executable, "-c", ONE_STAGE_FLOW], env={**env, **local}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        lines.append([line for line in out.stdout.splitlines() if line.startswith(("EXECUTED", "STATE"))])
+        assert not os.path.exists(local["PREFECT_LOCAL_STORAGE_PATH"])  # nothing landed on the worker's disk
+    (first_state, digest), (second_state, again) = (line.split()[1:] for line in (lines[0][-1], lines[1][-1]))
+    assert lines[0][0] == "EXECUTED" and first_state == "Completed"
+    assert lines[1] == [f"STATE Cached {digest}"] and second_state == "Cached" and again == digest
+    records = storage.listdir(f"{s3}/prefix/prefect_results")
+    assert len(records) == 1  # the cache record, under the base dir

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
-from flows.tasks import claim_node_devices, settings, stage_task
+from flows.tasks import claim_node_devices, claim_result_storage, settings, stage_task
 from nanochat_core import launch, tracking
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
 from nanochat_core.errors import UserError
@@ -43,6 +43,8 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         {"preset": cfg.preset, "prefect_flow_run_id": str(ctx.flow_run.id)},
     )
     devices = claim_node_devices()
+    if block := claim_result_storage():
+        logger.info(f"stage results and cache records: result storage block {block} (under the base dir)")
     logger.info(f"torch stages take turns on this node's devices (concurrency limit 1 on tag {devices})")
 
     def submit(stage: str, inputs: dict, c: PipelineConfig = cfg, name: str | None = None, retries: int = 0,

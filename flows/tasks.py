@@ -15,11 +15,13 @@ of the node (or its config's nproc_per_node) as torchrun processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from prefect import get_client, get_run_logger, task
 from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
 from prefect.results import get_result_store
 from prefect.client.schemas.filters import (
     TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags,
@@ -34,15 +36,39 @@ from nanochat_core.config import PipelineConfig, flatten
 from nanochat_core.launch import StageStopped, run_stage
 from nanochat_core.paths import base_dir, join
 from nanochat_core.registry import STAGES
+from nanochat_core.storage import is_local, local_path
 
 
-def result_storage() -> Path | None:
-    """Results and cache records live under the base dir: a fresh base dir never sees another's cache.
+def result_storage() -> Path | str:
+    """Results and cache records live under the base dir, <base>/prefect_results: a fresh base dir never
+    sees another's cache, and every worker that reaches the base dir sees this one's.
 
-    For a remote base dir, Prefect's configured default storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK).
+    Locally a path; for a remote base dir the name of the Remote File System block `claim_result_storage`
+    saves (Prefect keeps a task's storage as a saved block, resolved by each task run).
     """
     root = base_dir()
-    return None if "://" in root else Path(join(root, "prefect_results"))
+    if is_local(root):
+        return Path(join(local_path(root), "prefect_results"))
+    return f"remote-file-system/{_result_block_name(root)}"
+
+
+def _result_block_name(root: str) -> str:
+    """One block per base dir, named after it (block names allow lowercase letters, digits, dashes)."""
+    return "nanochat-results-" + hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:12]
+
+
+def claim_result_storage() -> str | None:
+    """Save the block that `result_storage` names for a remote base dir (an upsert; the flow calls it once).
+
+    The block holds the URL only: the store's endpoint and credentials come from each process's
+    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so no secret lands on the Prefect server.
+    """
+    root = base_dir()
+    if is_local(root):
+        return None
+    name = _result_block_name(root)
+    RemoteFileSystem(basepath=join(root, "prefect_results")).save(name, overwrite=True)
+    return name
 
 
 def settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

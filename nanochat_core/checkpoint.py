@@ -5,8 +5,9 @@ A checkpoint directory (e.g. `<base>/base_checkpoints/d20/`) holds per step:
     optim_{step:06d}_rank{r}.pt    optimizer state, loader state and RNG of rank r (every rank)
     meta_{step:06d}.json           model config, user config, plan, loader position, loop state
 Every file is written atomically through the storage layer and the meta file is written last, after
-all ranks' files exist: a step counts as complete only when its meta is there, so a crash mid-save
-leaves the previous checkpoint as the latest complete one.
+all ranks' files exist; it lists the step's other files. A step counts as complete only when its meta
+is there and every file it lists is present and non-empty, so a crash mid-save, or a move on an object
+store cut off half-way (objects move one by one), leaves the previous checkpoint as the latest complete one.
 
 A training stage started again with the settings and inputs of an unfinished run in its directory (the
 meta's `run_key`) continues that run from its latest checkpoint; any other start moves the old
@@ -68,20 +69,32 @@ def _load_torch(url: str, device: str | torch.device = "cpu") -> Any:
         ) from None
 
 
+def _meta_steps(sizes: dict[str, int]) -> list[int]:
+    return sorted(int(m.group(1)) for m in map(META_RE.match, sizes) if m)
+
+
+def _complete(ckpt_dir: str, step: int, sizes: dict[str, int]) -> bool:
+    """Every file the step's meta lists is in `sizes` (the directory's listing) and non-empty. A meta
+    without the list (written before it existed) needs its model file."""
+    if not sizes.get(model_file(step)):
+        return False
+    try:
+        files = json.loads(storage.read_text(join(ckpt_dir, meta_file(step)))).get("files")
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return False  # moved or deleted since the listing, or unreadable: not a step to trust
+    return all(sizes.get(name, 0) > 0 for name in files or [model_file(step)])
+
+
 def complete_steps(ckpt_dir: str) -> list[int]:
-    """Steps whose meta exists (the commit marker) and whose model file is present, ascending."""
-    names = set(storage.listdir(ckpt_dir))
-    steps = []
-    for name in names:
-        m = META_RE.match(name)
-        if m and model_file(int(m.group(1))) in names:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    """Steps whose meta (the commit marker) and every file it lists are present, ascending."""
+    sizes = storage.file_sizes(ckpt_dir)
+    return [step for step in _meta_steps(sizes) if _complete(ckpt_dir, step, sizes)]
 
 
 def latest_step(ckpt_dir: str) -> int | None:
-    steps = complete_steps(ckpt_dir)
-    return steps[-1] if steps else None
+    """The newest complete step (reads metas from the newest down, stopping at the first complete one)."""
+    sizes = storage.file_sizes(ckpt_dir)
+    return next((step for step in reversed(_meta_steps(sizes)) if _complete(ckpt_dir, step, sizes)), None)
 
 
 def read_meta(ckpt_dir: str, step: int) -> dict:
@@ -106,7 +119,9 @@ def save_checkpoint(ckpt_dir: str, step: int, rank: int, model_state: dict | Non
     if rank == 0:
         assert model_state is not None and meta is not None
         _save_torch(join(ckpt_dir, model_file(step)), model_state)
-        storage.write_text(join(ckpt_dir, meta_file(step)), json.dumps(meta, indent=2))
+        rank_prefix = f"optim_{step:06d}_rank"
+        files = sorted(n for n in storage.file_sizes(ckpt_dir) if n == model_file(step) or n.startswith(rank_prefix))
+        storage.write_text(join(ckpt_dir, meta_file(step)), json.dumps({**meta, "files": files}, indent=2))
         if keep_last is not None:
             prune(ckpt_dir, keep_last)
     barrier()
@@ -118,7 +133,9 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
     if len(steps) <= keep_last:
         return
     oldest_kept = steps[-keep_last]
-    for name in storage.listdir(ckpt_dir):
+    names = storage.listdir(ckpt_dir)
+    # Metas first: a step stops counting before any of its files goes.
+    for name in sorted(names, key=lambda n: not META_RE.match(n)):
         m = re.match(r"^(?:model|meta|optim)_(\d{6,})", name)
         if m and int(m.group(1)) < oldest_kept:
             storage.remove(join(ckpt_dir, name))
@@ -133,8 +150,30 @@ def move_aside(ckpt_dir: str) -> str | None:
     while storage.exists(aside):
         aside = f"{ckpt_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}-{n}"
         n += 1
-    storage.rename(ckpt_dir, aside)
+    if storage.is_local(ckpt_dir) and storage.is_local(aside):
+        storage.rename(ckpt_dir, aside)  # one rename of the directory: atomic
+    else:
+        _move_commits_last(ckpt_dir, aside)
     return aside
+
+
+def _move_commits_last(src: str, dst: str) -> None:
+    """Move a checkpoint directory on an object store, where objects move one by one (copy, delete).
+
+    The order keeps every step whole wherever a kill stops it: the files that are not metas are copied
+    first (the destination counts no step yet), then the metas, so a step commits at the destination
+    only after its files are there; the source's metas are deleted before anything else of it, so its
+    steps stop counting before any of their files leaves. Metas are copied before they are deleted, so
+    a cut-off move loses no step: it is whole in one place or the other (or in both).
+    """
+    names = storage.listdir(src)
+    metas = [n for n in names if META_RE.match(n)]
+    rest = [n for n in names if not META_RE.match(n)]
+    for group in (rest, metas):
+        for name in group:
+            storage.copy(join(src, name), join(dst, name))
+    for name in metas + rest:
+        storage.remove(join(src, name), recursive=True)
 
 
 def run_key(stage: str, settings: dict, world: int, inputs: dict[str, dict]) -> str:

@@ -5,6 +5,9 @@ A write goes to a temporary file and is published under its name only when compl
 temp sits next to the target and `os.replace` moves it in (atomic on POSIX); for object stores the
 temp is a local file uploaded with one `put` (a single PUT or a multipart upload that the store
 completes only at the end), so a crash never leaves a half object that a later stage would trust.
+
+A remote file read whole, again and again (a training shard), is fetched once per node into a local
+cache and read from there (`local_copy`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import tempfile
 import uuid
 from typing import IO, Iterator
 
 import fsspec
+from filelock import FileLock
 from fsspec.core import url_to_fs
 
 # Temp names carry the writer's pid, so a rerun can tell a dead writer's leftovers from a live one's.
@@ -70,6 +75,17 @@ def listdir(url: str) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """{base name: size} of the files directly in a directory, from one listing; empty if it does not exist."""
+    fs, path = _fresh(url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
 
 
 def read_bytes(url: str) -> bytes:
@@ -150,6 +166,45 @@ def rename(src: str, dst: str) -> None:
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
     fs.mv(src_path, dst_path, recursive=True)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a file or a directory tree within one filesystem (server-side on object stores)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    fs.copy(src_path, dst_path, recursive=True)
+    if not is_local(dst):
+        fs.invalidate_cache(dst_path)
+
+
+def local_copy(url: str, cache_dir: str) -> str:
+    """A local path with `url`'s content: the path itself when local, else a copy in `cache_dir`.
+
+    The copy is fetched once per node and named after the URL and the object's size and ETag (one HEAD
+    per call), so a rewritten object is fetched again rather than served stale. The fetch runs under a
+    file lock into a temp file renamed at the end: ranks on one node download it once, and a killed
+    fetch never leaves a partial copy that poses as the object. Delete `cache_dir` any time to free disk.
+    """
+    if is_local(url):
+        return local_path(url)
+    fs, path = _fresh(url)
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    key = hashlib.sha256(f"{url}\n{info.get('size')}\n{tag}".encode()).hexdigest()[:20]
+    target = os.path.join(cache_dir, f"{key}-{posixpath.basename(path)}")
+    if os.path.exists(target):
+        return target
+    os.makedirs(cache_dir, exist_ok=True)
+    with FileLock(target + ".lock"):
+        if not os.path.exists(target):  # another rank may have fetched it while we waited
+            tmp = temp_name(target)
+            try:
+                fs.get_file(path, tmp)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    return target
 
 
 def sha256(url: str, chunk: int = 1 << 20) -> str:

@@ -3,7 +3,7 @@
 - `ShardServer`: a static HTTP file server with Range support, optional throttling and injected
   failures (the first N requests for a path answered 503), standing in for an https shard host.
 - `FaultProxy`: a reverse proxy in front of moto's S3 server that answers 500 to the first N GETs
-  of chosen object keys, so s3fs meets real server errors.
+  of chosen object keys, so s3fs meets real server errors; it logs every request (to count GETs).
 - `start_moto()`: moto's standalone S3 server as a subprocess.
 Every server binds 127.0.0.1 on a free port and is shut down by the fixture that started it.
 """
@@ -124,12 +124,14 @@ class FaultProxy:
     def __init__(self, upstream_port: int):
         self.fail_first: dict[str, int] = {}  # object key suffix -> GETs still to fail
         self.failures = 0
+        self.requests: list[str] = []  # "GET /bucket/key" for every request forwarded or failed
         proxy = self
 
         class Handler(_Quiet):
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                proxy.requests.append(f"{self.command} {self.path.split('?')[0]}")
                 if self.command == "GET":
                     for key, left in proxy.fail_first.items():
                         if left > 0 and self.path.split("?")[0].endswith(key):

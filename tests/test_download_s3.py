@@ -189,14 +189,15 @@ def test_missing_object_is_one_clear_error(s3):
         download_stage.run(cfg, inputs, progress=False)
 
 
-def test_download_into_an_s3_base_dir(s3, monkeypatch):
+def test_download_into_an_s3_base_dir(s3, monkeypatch, tmp_path):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", f"s3://{BUCKET}/base")
+    monkeypatch.setenv("NANOCHAT_FLOW_CACHE", str(tmp_path / "cache"))  # the shard read cache, not ~/.cache
     result = run_download_remote("-n", "2", "--url-template", TEMPLATE)
     shards = list_shards(f"s3://{BUCKET}/base/base_data")
     assert len(shards.train) == 2 and shards.val.endswith(shard_name(len(s3["urls"]) - 1))
     assert storage.sha256(shards.train[1]) == storage.sha256(s3["urls"][1])
     assert result["fetched"] == 3
-    # The loader's iterator reads shards straight from the object store.
+    # The loader's iterator reads shards from the object store (through the local read cache).
     assert pq.ParquetFile(s3["fs"].open(s3["urls"][0])).metadata.num_row_groups == 1
     texts, pos = next(iter_row_groups(shards.train, rank=1, world=2))  # global row group 1 = shard 1's first
     assert texts == pq.read_table(s3["fs"].open(s3["urls"][1])).column("text").to_pylist()

@@ -7,6 +7,7 @@ real download are read by the same code. The highest index in a directory is the
 The loader reads row groups, not files: rank r of W reads row groups r, r+W, r+2W, ... counted
 across the files in order, and every yielded row group comes with the `Position` to resume from,
 which the checkpoint stores so a resumed run reads exactly the row groups an uninterrupted one would.
+Shards on an object store are read from a local copy fetched once per node (`open_parquet`).
 """
 
 from __future__ import annotations
@@ -110,10 +111,24 @@ def shards_of(ref: dict) -> ShardSet:
     return ShardSet(train=urls[:-1], val=urls[-1])
 
 
-def open_parquet(url: str) -> pq.ParquetFile:
-    """A ParquetFile on a path or URL; a file without a readable footer is a UserError naming it."""
-    fs, path = storage.filesystem(url)
+def read_cache_dir() -> str:
+    """Where remote shards are kept once read whole: <cache root>/shards (NANOCHAT_FLOW_CACHE moves it)."""
+    from nanochat_core.data.packages import cache_root
+
+    return str(cache_root() / "shards")
+
+
+def open_parquet(url: str, read_cache: bool = False) -> pq.ParquetFile:
+    """A ParquetFile on a path or URL; a file without a readable footer is a UserError naming it.
+
+    `read_cache`: a remote shard is fetched once into the local read cache and read from disk, for
+    readers that go through every row group (training loops over its shards for hours); without it
+    only the footer and the row groups asked for are fetched (a row count, a check).
+    """
     try:
+        if read_cache and not storage.is_local(url):
+            return pq.ParquetFile(storage.local_copy(url, read_cache_dir()))
+        fs, path = storage.filesystem(url)
         return pq.ParquetFile(fs.open(path, "rb"))
     except FileNotFoundError:
         raise UserError(f"shard {url} does not exist; run `nanochat download` to fetch it") from None
@@ -167,7 +182,7 @@ def iter_row_groups(
     def parquet(i: int) -> pq.ParquetFile:
         if i not in opened:
             opened.clear()  # one open file at a time; footers are cheap to re-read
-            opened[i] = open_parquet(files[i])
+            opened[i] = open_parquet(files[i], read_cache=True)
         return opened[i]
 
     def locate(file_index: int, row_group: int) -> tuple[int, int] | None:

@@ -255,7 +255,8 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     ref_run = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
                               "nanochat_core.stages.base_train", "--config", str(cfg_path)],
                              cwd=REPO, capture_output=True, text=True, timeout=900)
-    if not check(ref_run.returncode == 0, "the uninterrupted reference base_train ran", ref_run.stderr[-500:]):
+    if not check(ref_run.returncode == 0, "the uninterrupted reference base_train ran (torchrun, 2 processes)",
+                 ref_run.stderr[-500:] if ref_run.returncode else ""):
         return
     losses = {}
     for name, d in (("continued", ckpt), ("uninterrupted", reference)):

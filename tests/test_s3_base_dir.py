@@ -249,33 +249,4 @@ def test_a_fresh_worker_sees_the_cache_records_under_the_base_dir(s3, tmp_path):
     assert len(records) == 1  # the cache record, under the base dir
 
 
-SKIPPED = ["tok_eval", "eval_bundle", "base_eval", "chat_rl", "chat_eval"]  # the rest of the DAG trains
-
-
-@pytest.mark.slow
-def test_a_speedrun_on_s3_is_all_cached_for_a_worker_with_an_empty_disk(s3, tmp_path):
-    """The tiny speedrun (its training stages) with NANOCHAT_BASE_DIR=s3://..., then again as a fresh
-    worker: its own PREFECT_HOME, MLflow store and an empty cache root. Every stage is Cached: all a later
-    node needs is under the base dir. (The whole DAG passed so by hand: 627 s, then 49 s all Cached.)"""
-    from conftest import speedrun
-    from nanochat_core.data.packages import cache_root
-
-    first_cache = tmp_path / "first" / "cache"
-    first_cache.mkdir(parents=True)
-    for shared in ("packages", "sources"):  # the registry packages the sample corpus is built from
-        if (cache_root() / shared).is_dir():
-            (first_cache / shared).symlink_to(cache_root() / shared)
-    skips = [arg for stage in SKIPPED for arg in ("--skip", stage)]
-    tables = []
-    for worker in ("first", "second"):
-        local = tmp_path / worker
-        (local / "cache").mkdir(parents=True, exist_ok=True)
-        env = {"PREFECT_HOME": str(local / "prefect"), "NANOCHAT_FLOW_CACHE": str(local / "cache"),
-               "MLFLOW_TRACKING_URI": f"sqlite:///{local}/mlflow.db"}
-        out, table = speedrun(f"{s3}/run", *skips, env=env)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-        tables.append(table)
-    assert set(tables[0].values()) == {"Completed"} and "base_train" in tables[0]
-    assert tables[1] == {stage: "Cached" for stage in tables[0]}
-    assert any(n.endswith("-shard_00000.parquet") for n in os.listdir(first_cache / "shards"))  # read cache used
-    assert checkpoint.latest_step(f"{s3}/run/base_checkpoints/d2") is not None
+# A whole speedrun on S3 seen Cached by a worker with an empty disk: scripts/rehearse.sh (tests/test_rehearsal.py).

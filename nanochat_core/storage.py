@@ -89,7 +89,7 @@ def file_sizes(url: str) -> dict[str, int]:
 
 
 def read_bytes(url: str) -> bytes:
-    fs, path = _fresh(url)  # a listing cached before another process wrote the file would hide it
+    fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         return f.read()
 

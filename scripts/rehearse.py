@@ -240,10 +240,11 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     upstream = ("corpus", "download[:3]", "download", "tok_train")
     check(all(tasks.get(t) == "Cached" for t in upstream), "node 2 found the finished stages Cached on S3",
           ", ".join(f"{t} {tasks.get(t)}" for t in upstream))
-    result = json.loads(storage.read_text(f"{ckpt}/result.json"))
+    # exists() first: it drops this process's listing of the directory from before result.json was written.
+    result = json.loads(storage.read_text(f"{ckpt}/result.json")) if storage.exists(f"{ckpt}/result.json") else {}
     check(result.get("resumed_from") == killed_at_step, f"base_train resumed from step {result.get('resumed_from')}",
           f"killed at step {killed_at_step}")
-    meta = checkpoint.read_meta(ckpt, result["step"])
+    meta = checkpoint.read_meta(ckpt, checkpoint.latest_step(ckpt))
     check(meta["world_size"] == 2, "base_train ran as torchrun --nproc_per_node=2 (gloo)", f"world {meta['world_size']}")
 
     # --- the uninterrupted reference: base_train alone, same settings and inputs -------------------------

@@ -19,6 +19,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+import s3fs
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -191,3 +194,20 @@ def start_moto(timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    """A moto S3 server for the test module; import this fixture by name into the module that uses it."""
+    proc, port = start_moto()
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def point_s3_at(monkeypatch, endpoint: str) -> None:
+    """Point s3fs (and boto) at `endpoint` with moto's test credentials."""
+    for name, value in [("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")]:
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances are cached by arguments, not by environment

@@ -13,28 +13,15 @@ from nanochat_core import storage
 from nanochat_core.data.shards import Position, iter_row_groups, list_shards, shard_name, write_shards
 from nanochat_core.errors import UserError
 from nanochat_core.stages import download as download_stage
-from download_fixtures import FaultProxy, start_moto
+from download_fixtures import FaultProxy, moto_port, point_s3_at  # noqa: F401 (moto_port: a fixture)
 from nanochat_core.stage_args import parse
 from nanochat_core.paths import output_dir
 
 BUCKET = "shards"
 
 
-@pytest.fixture(scope="module")
-def moto_port():
-    proc, port = start_moto()
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
-def _point_s3_at(monkeypatch, endpoint: str) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # s3fs caches filesystem instances by constructor arguments, not by environment.
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def docs(n: int, seed: int) -> list[str]:
@@ -48,7 +35,7 @@ def docs(n: int, seed: int) -> list[str]:
 @pytest.fixture
 def s3(moto_port, monkeypatch):
     """A fresh bucket holding 6 small shards (5 train + val) written through storage.py."""
-    _point_s3_at(monkeypatch, f"http://127.0.0.1:{moto_port}")
+    point_s3_at(monkeypatch, f"http://127.0.0.1:{moto_port}")
     fs = s3fs.S3FileSystem()
     if fs.exists(BUCKET):
         fs.rm(BUCKET, recursive=True)
@@ -117,7 +104,7 @@ def test_download_from_s3_fetches_and_verifies(s3):
 def test_server_errors_are_retried(s3, monkeypatch):
     proxy = FaultProxy(s3["port"])
     try:
-        _point_s3_at(monkeypatch, proxy.url)
+        point_s3_at(monkeypatch, proxy.url)
         # More consecutive failures than botocore's own retries absorb, so our retry loop must act.
         proxy.fail_first = {shard_name(1): 6, shard_name(2): 2}
         monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.01)
@@ -134,7 +121,7 @@ def test_server_errors_are_retried(s3, monkeypatch):
 def test_persistent_server_errors_give_one_clear_error(s3, monkeypatch, capsys):
     proxy = FaultProxy(s3["port"])
     try:
-        _point_s3_at(monkeypatch, proxy.url)
+        point_s3_at(monkeypatch, proxy.url)
         proxy.fail_first = {shard_name(0): 10_000}
         monkeypatch.setattr("nanochat_core.data.download.BACKOFF_SECONDS", 0.01)
         monkeypatch.setattr("nanochat_core.data.download.RETRIES", 2)

@@ -15,7 +15,7 @@ import pytest
 import s3fs
 import torch
 
-from download_fixtures import FaultProxy, start_moto
+from download_fixtures import FaultProxy, moto_port, point_s3_at  # noqa: F401 (moto_port: a fixture)
 from nanochat_core import checkpoint, storage
 from nanochat_core.checkpoint import meta_file, model_file, optim_file
 from nanochat_core.data.shards import iter_row_groups, write_shards
@@ -24,19 +24,8 @@ BUCKET = "base"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def moto_port():
-    proc, port = start_moto()
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
-def point_s3_at(monkeypatch, endpoint: str) -> None:
-    for name, value in [("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
-                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")]:
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # instances are cached by arguments, not by environment
 
 
 @pytest.fixture

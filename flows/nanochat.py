@@ -112,7 +112,10 @@ def _track_cached(parent_run_id: str, refs: dict[str, dict | None]) -> None:
     figures copied, `source_run_id` naming the run that produced it), so each parent is complete."""
     for name, ref in refs.items():
         if ref is not None and ref.get("parent_run_id") != parent_run_id:
-            stage = name.split("[")[0] if not name.endswith("_eval") or name == "base_eval" else "chat_eval"
+            if name.endswith("_eval") and name != "base_eval":  # mid_eval is the task run chat_eval[mid]
+                stage, name = "chat_eval", f"chat_eval[{name.removesuffix('_eval')}]"
+            else:
+                stage = name.split("[")[0]
             tracking.record_cached_stage(parent_run_id, stage, ref, name)
 
 

@@ -142,3 +142,19 @@ def test_live_metrics_forward_each_row_once_at_its_own_time():
     history = client.get_metric_history(run, "train/loss")
     assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 3.0, 1000), (2, 2.5, 2000)]
     assert "time_ms" not in client.get_run(run).data.metrics and not os.path.exists(live.path)
+
+
+def test_a_failed_registration_is_reported_not_raised(tmp_path):
+    """The stage trained; a registry that refuses its model costs a warning and a note in the ref."""
+    import logging
+
+    from flows.tasks import _register
+
+    ref = {"path": str(tmp_path / "missing"), "step": 3}
+    run = tracking.start_pipeline_run("t", {}, {})
+    warnings: list[str] = []
+    logger = logging.getLogger("test-register")
+    logger.warning = warnings.append  # type: ignore[method-assign]
+    _register("chat_sft", ref, run, logger)
+    assert "model_uri" not in ref and ref["registration_error"].startswith("FileNotFoundError")
+    assert warnings and "registering its checkpoint failed" in warnings[0]

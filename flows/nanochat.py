@@ -112,8 +112,9 @@ def _track_cached(parent_run_id: str, refs: dict[str, dict | None]) -> None:
     figures copied, `source_run_id` naming the run that produced it), so each parent is complete."""
     for name, ref in refs.items():
         if ref is not None and ref.get("parent_run_id") != parent_run_id:
-            if name.endswith("_eval") and name != "base_eval":  # mid_eval is the task run chat_eval[mid]
-                stage, name = "chat_eval", f"chat_eval[{name.removesuffix('_eval')}]"
+            family = tracking.eval_family(name)
+            if family:  # mid_eval is the task run chat_eval[mid]
+                stage, name = "chat_eval", f"chat_eval[{family}]"
             else:
                 stage = name.split("[")[0]
             tracking.record_cached_stage(parent_run_id, stage, ref, name)

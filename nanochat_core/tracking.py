@@ -294,6 +294,13 @@ def stage_seconds(ref: dict[str, Any]) -> float | None:
     return None
 
 
+def eval_family(name: str) -> str | None:
+    """The family a chat evaluation's ref name stands for (mid_eval -> mid); None for any other name."""
+    from nanochat_core.registry import FAMILIES, eval_ref_name
+
+    return next((f for f in FAMILIES if f != "base" and eval_ref_name(f) == name), None)
+
+
 def headline_metrics(refs: dict[str, dict[str, Any]], wall_s: float | None = None,
                      usd_per_device_hour: float = 0.0, devices: int = 1) -> dict[str, float]:
     """The parent run's figures, one row per pipeline run in `mlflow ui`'s table:
@@ -312,8 +319,8 @@ def headline_metrics(refs: dict[str, dict[str, Any]], wall_s: float | None = Non
     put("base/val_bpb", base_eval.get("val_bpb", base_train.get("val_bpb")))
     put("base/core", base_eval.get("core"))
     for name, ref in refs.items():
-        if name.endswith("_eval") and name != "base_eval":
-            family = name.removesuffix("_eval")
+        family = eval_family(name)
+        if family:
             put(f"{family}/chatcore", ref.get("ChatCORE"))
             for task, acc in (ref.get("tasks") or {}).items():
                 if task != "chatcore":
@@ -322,7 +329,7 @@ def headline_metrics(refs: dict[str, dict[str, Any]], wall_s: float | None = Non
     for name, ref in refs.items():
         seconds = stage_seconds(ref)
         put(f"time/{name}_s", seconds)
-        stage = "chat_eval" if name.endswith("_eval") and name != "base_eval" else name
+        stage = "chat_eval" if eval_family(name) else name
         if seconds is not None and stage in STAGES and STAGES[stage].devices == "node":
             device_seconds += seconds
     put("time/total_s", wall_s)

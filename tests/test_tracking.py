@@ -90,12 +90,13 @@ def test_headline_metrics_compare_pipeline_runs():
             "base_eval": {"stage": "base_eval", "val_bpb": 1.9, "core": 0.05, "stage_seconds": 30.0},
             "sft_eval": {"stage": "sft_eval", "ChatCORE": 0.1, "tasks": {"ARC-Easy": 0.3, "chatcore": 0.1},
                          "stage_seconds": 30.0},
-            "download": {"stage": "download", "seconds": 5.0}}
+            "download": {"stage": "download", "seconds": 5.0},
+            "tok_eval": {"stage": "tok_eval", "stage_seconds": 2.0, "tasks": {"x": 1.0}}}
     got = tracking.headline_metrics(refs, wall_s=200.0, usd_per_device_hour=3.0, devices=8)
     assert got == {"base/val_bpb": 1.9, "base/core": 0.05, "sft/chatcore": 0.1, "sft/ARC-Easy": 0.3,
                    "time/base_train_s": 60.0, "time/base_eval_s": 30.0, "time/sft_eval_s": 30.0,
-                   "time/download_s": 5.0, "time/total_s": 200.0,
-                   "cost/est_usd": 120 / 3600 * 8 * 3.0}  # the download takes no device
+                   "time/download_s": 5.0, "time/tok_eval_s": 2.0, "time/total_s": 200.0,
+                   "cost/est_usd": 120 / 3600 * 8 * 3.0}  # neither the download nor tok_eval takes a device
 
 
 def test_lineage_tags_and_cached_stages(monkeypatch):

@@ -112,6 +112,8 @@ def register_checkpoint(run_id: str, ckpt_dir: str, step: int, family: str,
     with tempfile.TemporaryDirectory(prefix="nanochat-register-") as tmp, _fluent:
         artifacts = stage_files(ckpt_dir, step, tmp)
         mlflow.set_tracking_uri(tracking_uri())
+        # The logged model goes to the fluent API's experiment: the run's, not Default (./mlruns).
+        mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
         # Model.log, not pyfunc.log_model: it takes the run id, so no fluent run is opened (and ended)
         # on a child run the flow still owns.
         with _untyped_predict():

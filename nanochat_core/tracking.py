@@ -67,7 +67,10 @@ def experiment_id(c=None) -> str:
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else join(base_dir(), "mlartifacts")
+        # A server keeps its own artifact root; a database file beside a local base dir keeps them there
+        # (MLflow's default would be ./mlruns, wherever the process happens to run).
+        server = tracking_uri().startswith(("http://", "https://"))
+        artifacts = None if server or "://" in base_dir() else join(base_dir(), "mlartifacts")
         try:
             exp = c.get_experiment(c.create_experiment(name, artifact_location=artifacts))
         except Exception:  # created concurrently by another process

@@ -55,6 +55,8 @@ def test_versions_own_their_files_and_aliases_move(tmp_path):
     assert (first, second) == ("models:/nanochat/1", "models:/nanochat/2")
     client = MlflowClient(tracking.tracking_uri())
     assert client.get_registered_model("nanochat").aliases == {"sft": 2}
+    experiment = client.get_run(parent).info.experiment_id
+    assert len(client.search_logged_models([experiment])) == 2  # the models sit beside their runs, not in Default
     assert mlflow_model.record_chatcore(first, 0.2) and not mlflow_model.record_chatcore(second, 0.1)
     assert client.get_model_version_by_alias("nanochat", "champion").version == 1
     assert mlflow_model.record_chatcore(second, 0.3)

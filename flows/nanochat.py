@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -21,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from flows.tasks import claim_node_devices, claim_result_storage, settings, stage_task
-from nanochat_core import launch, tracking
+from nanochat_core import hardware, launch, tracking
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
 from nanochat_core.errors import UserError
 from nanochat_core.presets import PresetConfig
@@ -38,10 +39,9 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         raise UserError(f"cannot skip {', '.join(sorted(bad))}: later stages need it; skippable: {', '.join(SKIPPABLE)}")
     logger = get_run_logger()
     ctx = FlowRunContext.get()
-    parent = tracking.start_pipeline_run(
-        f"{cfg.preset}-{ctx.flow_run.name}", flatten(cfg),
-        {"preset": cfg.preset, "prefect_flow_run_id": str(ctx.flow_run.id)},
-    )
+    started = time.time()
+    parent = tracking.start_pipeline_run(f"{cfg.preset}-{ctx.flow_run.name}", flatten(cfg),
+                                         {"preset": cfg.preset}, flow_run_id=str(ctx.flow_run.id))
     devices = claim_node_devices()
     if block := claim_result_storage():
         logger.info(f"stage results and cache records: result storage block {block} (under the base dir)")
@@ -90,6 +90,11 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         if report is not None:
             refs["report"] = report.result()
             _publish_report(parent, refs["report"])
+        # The first download is a task run of its own (download[:N]) but no ref of the report's.
+        head_ref = {f"download[:{head}]": first.result()} if first is not None and first is not shards else {}
+        _track_cached(parent, {**refs, **head_ref})
+        tracking.log_headline(parent, tracking.headline_metrics(
+            refs, time.time() - started, cfg.plan.usd_per_gpu_hour, max(1, hardware.node_devices())))
     except BaseException:
         # A cancelled or interrupted run (Prefect's SIGTERM, Ctrl-C) lands here first: stop every stage
         # process now, whatever it is doing, so none keeps the devices after the run ends.
@@ -104,12 +109,25 @@ def _with(cfg: PipelineConfig, stage: str, **fields) -> PipelineConfig:
     return cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(update=fields)})
 
 
+def _track_cached(parent_run_id: str, refs: dict[str, dict | None]) -> None:
+    """Every stage this run took from the cache gets a child run here too (tagged cached=true, its
+    figures copied, `source_run_id` naming the run that produced it), so each parent is complete."""
+    for name, ref in refs.items():
+        if ref is not None and ref.get("parent_run_id") != parent_run_id:
+            family = tracking.eval_family(name)
+            if family:  # mid_eval is the task run chat_eval[mid]
+                stage, name = "chat_eval", f"chat_eval[{family}]"
+            else:
+                stage = name.split("[")[0]
+            tracking.record_cached_stage(parent_run_id, stage, ref, name)
+
+
 def _publish_report(parent_run_id: str, ref: dict) -> None:
-    """The report card as a Prefect markdown artifact and on the MLflow parent run."""
+    """The report card as a Prefect markdown artifact, and report.md with its plots on the MLflow parent
+    run (from wherever the base dir is: a remote one is fetched through the storage layer first)."""
     from nanochat_core import storage
 
     markdown = storage.read_text(ref["path"].rstrip("/") + "/report.md")
     create_markdown_artifact(markdown=markdown, key="nanochat-report", description="nanochat report card")
-    if "://" not in ref["path"]:
-        tracking.log_artifact(parent_run_id, ref["path"], "report")
+    tracking.log_dir(parent_run_id, ref["path"], "report")
     get_run_logger().info(f"report: {ref['path']}/report.md")

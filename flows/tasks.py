@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import Cancelled, Crashed
 
 from flows.cache import StageCache
-from nanochat_core import hardware, tracking
+from nanochat_core import hardware, mlflow_model, tracking
+from nanochat_core.artifacts import digest_of
 from nanochat_core.config import PipelineConfig, flatten
 from nanochat_core.launch import StageStopped, run_stage
 from nanochat_core.paths import base_dir, join
@@ -138,16 +140,23 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     logger = get_run_logger()
     record = STAGES[stage]
     nproc_per_node, nnodes = processes(cfg, stage)
-    attempt = TaskRunContext.get().task_run.run_count
+    task_run = TaskRunContext.get().task_run
+    attempt = task_run.run_count
     if attempt > 1 and record.resumable:
         logger.info(f"attempt {attempt} of {stage}: it continues from the failed attempt's latest checkpoint")
     params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in record.reads}
-    run_id = tracking.start_stage_run(parent_run_id, stage, params) if parent_run_id else None
-    env = {"NANOCHAT_MLFLOW_RUN_ID": run_id} if run_id else {}
+    run_id = tracking.start_stage_run(parent_run_id, stage, params, {"prefect.task_run": task_run.name}) if parent_run_id else None
+    if run_id:
+        _log_lineage(stage, cfg, inputs, run_id, logger)
+    # Rank 0's metric rows reach the child run every ~2 s while the stage runs, and what is left when it
+    # ends, fails or is stopped (so a failed run keeps its curve up to the failure).
+    live = tracking.LiveMetrics(run_id) if run_id else None
+    env = {"NANOCHAT_MLFLOW_RUN_ID": run_id, **live.env} if live else {}
     # System metrics (CPU, memory, GPU) only where they tell something: the long training stages.
     monitor = tracking.SystemMetrics(run_id) if run_id and record.resumable else contextlib.nullcontext()
+    started = time.monotonic()
     try:
-        with monitor:
+        with monitor, live or contextlib.nullcontext():
             ref = run_stage(stage, cfg, logger.info, nproc_per_node, nnodes, env, inputs)
     except StageStopped:
         if run_id:
@@ -155,22 +164,64 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
         # Prefect persists a returned state's data under the task's cache key, which would replace a good
         # cached record with nothing (measured: the next run re-ran the stage). An unsaved record, kept
         # under another key, leaves the cache as it was.
-        unsaved = get_result_store().create_result_record(None, key=f"cancelled-{TaskRunContext.get().task_run.id}")
+        unsaved = get_result_store().create_result_record(None, key=f"cancelled-{task_run.id}")
         return Cancelled(message=f"{stage} was stopped: the flow run was cancelled", data=unsaved)
     except BaseException:
         if run_id:
             tracking.end_run(run_id, "FAILED")
         raise
+    ref["stage_seconds"] = round(time.monotonic() - started, 3)
     if run_id:
-        if ref.get("metrics_path"):
-            tracking.log_metric_rows(run_id, tracking.read_jsonl(ref["metrics_path"]))
         tracking.log_figures(run_id, ref)
         if record.family:
-            ref["model_uri"] = tracking.register_checkpoint(run_id, ref["path"], {"stage": stage, "family": record.family})
-            logger.info(f"registered {ref['path']} as {ref['model_uri']}")
+            _register(stage, ref, run_id, logger)
+        if stage == "chat_eval":
+            _crown(ref, inputs.get("model", {}), logger)
         tracking.end_run(run_id)
-        ref["run_id"] = run_id
+        ref["run_id"], ref["parent_run_id"] = run_id, parent_run_id
     return ref
+
+
+def _register(stage: str, ref: dict, run_id: str, logger) -> None:
+    """The final checkpoint as a new version of `nanochat`, alias @<family>. A failure is reported in the
+    ref (`registration_error`) and the log; the trained stage still counts."""
+    family = STAGES[stage].family
+    try:
+        ref["model_uri"] = mlflow_model.register_checkpoint(run_id, ref["path"], ref["step"], family, {"stage": stage})
+        logger.info(f"registered {ref['path']} step {ref['step']} as {ref['model_uri']} (@{family})")
+    except Exception as e:
+        ref["registration_error"] = f"{type(e).__name__}: {e}"
+        logger.warning(f"{stage} finished, but registering its checkpoint failed: {ref['registration_error']}")
+
+
+def _crown(ref: dict, model: dict, logger) -> None:
+    """Record a chat evaluation's ChatCORE on the version it scored; @champion moves if it is the best."""
+    score, uri = ref.get("ChatCORE"), model.get("model_uri")
+    if not isinstance(score, (int, float)) or not uri:
+        return
+    try:
+        if mlflow_model.record_chatcore(uri, score):
+            logger.info(f"{uri} is the champion now (ChatCORE {score:.4f})")
+    except Exception as e:
+        ref["registration_error"] = f"{type(e).__name__}: {e}"
+        logger.warning(f"recording ChatCORE on {uri} failed: {ref['registration_error']}")
+
+
+def _log_lineage(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: str, logger) -> None:
+    """What a training stage learned from, as MLflow dataset inputs: base_train the shard set (its files,
+    hashes, row count, the URL template they came from), mid and SFT their task mixture."""
+    try:
+        if stage == "base_train" and "shards" in inputs:
+            shards = inputs["shards"]
+            files = [{"file": name, **entry} for name, entry in shards.get("manifest", {}).items()]
+            tracking.log_dataset(run_id, "pretraining-shards", files, shards.get("url_template") or shards["path"],
+                                 shards.get("digest"), tags={"rows": shards.get("total_rows"), "path": shards["path"]})
+        elif stage in ("mid_train", "chat_sft"):
+            specs = getattr(cfg, stage).tasks
+            tracking.log_dataset(run_id, f"{stage}-mixture", [{"task": spec} for spec in specs], "nanochat_core.tasks",
+                                 digest_of(specs)[:8])
+    except Exception as e:  # lineage is a nicety; the stage runs without it
+        logger.warning(f"logging the dataset inputs of {stage} failed: {e}")
 
 
 def stage_task(stage: str, retries: int = 0):

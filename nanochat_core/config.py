@@ -250,7 +250,7 @@ class InferenceConfig(StageConfig):
     checkpoint: str | None = Field(
         None,
         description="load this checkpoint instead of --source: a directory, an fsspec URL or an MLflow "
-        "model URI (models:/nanochat/3)",
+        "model URI (models:/nanochat/3, models:/nanochat@sft)",
     )
     device_type: Literal["auto", "cuda", "cpu", "mps"] = Field(
         "auto", description="device to run on (auto: cuda if present, else cpu)"

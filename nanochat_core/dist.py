@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import IO, Iterator
 
@@ -85,17 +86,21 @@ class Console:
 
 
 class MetricsLog:
-    """JSON lines `{"step": N, "train/loss": ...}` written by rank 0; a null sink elsewhere (path None).
+    """JSON lines `{"step": N, "time_ms": t, "train/loss": ...}` written by rank 0; a null sink elsewhere
+    (path None). `time_ms` is the wall time the row was measured at (what MLflow plots against).
 
     Local files are appended line by line so a crash loses nothing; on an object store (no append)
     the lines are kept and the whole file is rewritten atomically at each `flush()`. On resume,
     `truncate_after(step)` drops what a crashed run logged past its checkpoint, so each step appears once.
+    Every row also goes to the local file NANOCHAT_METRICS_TAIL names when the launcher sets it: the
+    orchestrator forwards it to MLflow as it grows (tracking.LiveMetrics), wherever the base dir is.
     """
 
     def __init__(self, path: str | None):
         self.path = path
         self.local = path is not None and storage.is_local(path)
         self.lines: list[str] = []
+        self.tail = os.environ.get("NANOCHAT_METRICS_TAIL") if path is not None else None
 
     def truncate_after(self, step: int) -> None:
         if self.path is None or not storage.exists(self.path):
@@ -105,17 +110,24 @@ class MetricsLog:
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
         storage.write_text(self.path, "".join(self.lines))
+        self._append_tail("".join(self.lines))  # a resumed run's new MLflow run gets the curve so far
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
-        line = json.dumps(record) + "\n"
+        line = json.dumps({**record, "time_ms": record.get("time_ms", int(time.time() * 1000))}) + "\n"
         self.lines.append(line)
         if self.local:
             path = self.path.removeprefix("file://")
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(path, "a") as f:
                 f.write(line)
+        self._append_tail(line)
+
+    def _append_tail(self, text: str) -> None:
+        if self.tail and text:
+            with open(self.tail, "a") as f:
+                f.write(text)
 
     def flush(self) -> None:
         if self.path is not None and not self.local:

@@ -90,7 +90,9 @@ def test_source_auto_prefers_the_most_post_trained(base, tmp_path):
 
 
 def test_checkpoint_by_fsspec_url_and_mlflow_model_uri(tmp_path, monkeypatch, capsys):
-    from nanochat_core import tracking
+    import shutil
+
+    from nanochat_core import mlflow_model, tracking
     from nanochat_core.serve.loading import checkpoint_dir
 
     root = str(tmp_path)
@@ -98,14 +100,18 @@ def test_checkpoint_by_fsspec_url_and_mlflow_model_uri(tmp_path, monkeypatch, ca
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     ckpt = make_tiny_checkpoint(root, family="chatsft_checkpoints")
     run_id = tracking.start_pipeline_run("serve-test", {}, {})
-    uri = tracking.register_checkpoint(run_id, ckpt)
+    uri = mlflow_model.register_checkpoint(run_id, ckpt, 0, "sft")
     assert uri.startswith("models:/nanochat/")
-    assert checkpoint_dir(cfg_with(checkpoint=uri).inference)[0] == ckpt
+    downloaded = checkpoint_dir(cfg_with(checkpoint="models:/nanochat@sft").inference)[0]
+    assert downloaded != ckpt and sorted(os.listdir(downloaded)) == ["meta_000000.json", "model_000000.pt"]
     greedy = ["-p", "hi", "--max-tokens", "6", "--temperature", "0"]
-    cli.main(["--checkpoint", uri, *greedy])
-    by_uri = capsys.readouterr().out
     cli.main(["--checkpoint", "file://" + ckpt, *greedy])
-    assert by_uri.strip() and capsys.readouterr().out == by_uri  # the same model either way
+    by_path = capsys.readouterr().out
+    shutil.rmtree(root + "/tokenizer")  # the version carries its own copy of the checkpoint and tokenizer
+    shutil.rmtree(ckpt)
+    for ref in (uri, "models:/nanochat@sft"):
+        cli.main(["--checkpoint", ref, *greedy])
+        assert by_path.strip() and capsys.readouterr().out == by_path  # the same model either way
     with pytest.raises(SystemExit):
         cli.main(["--checkpoint", "models:/nanochat/99", "-p", "hi"])
     assert "cannot resolve models:/nanochat/99" in capsys.readouterr().err

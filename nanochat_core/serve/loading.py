@@ -2,7 +2,8 @@
 
 Checkpoint families live in the base dir as nanochat lays them out:
     base_checkpoints/d<depth>/  mid_checkpoints/d<depth>/  chatsft_checkpoints/d<depth>/  chatrl_checkpoints/d<depth>/
-`--checkpoint` takes a directory, an fsspec URL, or an MLflow model URI (`models:/nanochat/3`).
+`--checkpoint` takes a directory, an fsspec URL, or an MLflow model URI (`models:/nanochat/3`,
+`models:/nanochat@sft`): MLflow downloads that version's own copy of the checkpoint and tokenizer.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ def checkpoint_dir(cfg: InferenceConfig, root: str | None = None) -> tuple[str, 
     if cfg.checkpoint:
         uri = cfg.checkpoint
         if uri.startswith("models:/"):
-            from nanochat_core.tracking import resolve_model_uri
+            from nanochat_core.mlflow_model import resolve_model_uri
 
             try:
                 return resolve_model_uri(uri), uri
-            except Exception as e:  # an unknown name/version or an unreachable tracking store
-                raise UserError(f"cannot resolve {uri} in the MLflow registry ({e}); check the model name and version") from None
+            except Exception as e:  # an unknown name/version/alias or an unreachable tracking store
+                raise UserError(f"cannot resolve {uri} in the MLflow registry ({e}); check the model name, "
+                                "version or alias (models:/nanochat/3, models:/nanochat@sft)") from None
         if not storage.exists(uri):
             raise UserError(f"checkpoint {uri} does not exist; pass a checkpoint directory, an fsspec URL or models:/nanochat/N")
         return uri, uri

@@ -273,21 +273,30 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
 
 
 def check_tracking(check: Checks, flow_run_id: str) -> None:
+    """The re-run's MLflow parent: one complete row (a child per stage, cached ones too, and the headline
+    figures), and the registered versions and aliases, their files in the S3 artifact store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("nanochat")
-    parents = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{flow_run_id}'")
-    if not check(len(parents) == 1, "the re-run has one MLflow parent run"):
+    parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    if not check(len(parents) == 1, "the re-run has one MLflow parent run", f"{len(parents)} found"):
         return
     parent = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    names = sorted(c.info.run_name for c in children)
-    check(len(names) >= 10, "the parent has a child per stage, cached ones included", ", ".join(names))
-    headline = [k for k in parent.data.metrics if "bpb" in k or "chatcore" in k.lower() or "core" in k.lower()]
-    check(bool(headline), "the parent carries headline metrics", ", ".join(sorted(headline)[:8]))
-    versions = client.search_model_versions("name='nanochat'")
-    check(len(versions) >= 3, "model versions registered", f"{len(versions)} versions")
+    cached = sorted(c.info.run_name for c in children if c.data.tags.get("cached") == "true")
+    check({"base_train", "mid_train", "chat_sft"} <= {c.info.run_name for c in children} and "tok_train" in cached,
+          "the parent has a child per stage, the cached ones tagged cached=true",
+          f"{len(children)} children, cached: {', '.join(cached)}")
+    headline = {k: round(v, 4) for k, v in parent.data.metrics.items()
+                if k in ("base/val_bpb", "base/core", "sft/chatcore", "time/total_s", "cost/est_usd")}
+    check(len(headline) == 5, "the parent carries the headline metrics", str(headline))
+    aliases = {alias: client.get_model_version_by_alias("nanochat", alias)
+               for alias in ("base", "mid", "sft", "rl", "champion")}
+    sft = aliases["sft"]
+    check(sft.source.startswith(("models:/", "s3://", "mlflow-artifacts:")) and "d2" not in sft.source,
+          "@base @mid @sft @rl @champion name versions stored in the artifact store",
+          ", ".join(f"@{a} v{v.version}" for a, v in aliases.items()) + f"; @sft from {sft.source}")
 
 
 if __name__ == "__main__":

@@ -140,5 +140,9 @@ def session(device_type: str = "auto") -> Iterator[Runtime]:
     rt = init(device_type)
     try:
         yield rt
+        # Ranks tear down together: gloo aborted a rank (SIGABRT, "terminate called without an active
+        # exception") that destroyed its group while another was still at work: chat_eval under torchrun
+        # in one of three full suites here. Not after an error: the other ranks may never come.
+        barrier()
     finally:
         teardown()

@@ -82,13 +82,16 @@ def stage_files(ckpt_dir: str, step: int, dest: str) -> dict[str, str]:
 
 
 def localize(checkpoint: str, tokenizer: str) -> str:
-    """Point a downloaded checkpoint's meta at the downloaded tokenizer (load_model reads it from there)."""
+    """Point a downloaded checkpoint's meta at the downloaded tokenizer (load_model reads it from there),
+    and at the files the version holds: the model, not the optimizer state its training run also listed
+    (a step counts as complete only when every file its meta lists is there)."""
     for name in os.listdir(checkpoint):
-        if re.fullmatch(r"meta_\d{6,}\.json", name):
+        if m := re.fullmatch(r"meta_(\d{6,})\.json", name):
             path = os.path.join(checkpoint, name)
             meta = json.loads(open(path).read())
             meta.setdefault("trained_tokenizer_dir", meta.get("tokenizer_dir"))
             meta["tokenizer_dir"] = os.path.abspath(tokenizer)
+            meta["files"] = [f for f in _files(int(m.group(1))) if not f.startswith("meta_")]
             with open(path, "w") as f:
                 json.dump(meta, f, indent=2)
     return checkpoint

@@ -279,7 +279,7 @@ def check_tracking(check: Checks, flow_run_id: str) -> None:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name("nanochat")
-    parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.mlflow.parentRunId IS NULL")
     if not check(len(parents) == 1, "the re-run has one MLflow parent run", f"{len(parents)} found"):
         return
     parent = parents[0]

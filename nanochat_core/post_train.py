@@ -2,9 +2,10 @@
 conversations, the optimizer pair, and writing checkpoints like base_train does.
 
     model, tokenizer, meta = load_start("mid_train", inputs["model"]["path"], step, device)
-    opt = make_optimizers(model, cfg)                   # Muon + AdamW, lrs × init_lr_frac
-    start, stats = ctx.resume_or_start(model, opt, batches)   # continue an unfinished run, or step 0
-    stats = train_loop(ctx, model, opt, batches, N, accum, sc, evaluate, start, stats)  # checkpoints on the way
+    ctx = StageRun("mid_train", "mid-train", out, rt, autocast, cfg.mid_train)
+    evaluate = val_loss_logger(ctx, model, val_batches)    # masked val loss, printed and logged
+    return train_supervised(ctx, cfg, inputs, model, meta, next_rows, N, accum, tokens_per_step, evaluate,
+                            started_from=source, conversations=n)   # cadence, continue or start, loop, ref
 
 Stage outputs (paths.output_dir): <base>/mid_checkpoints/d<depth>, chatsft_checkpoints/d<depth>,
 chatrl_checkpoints/d<depth> (nanochat's names), at the depth of the model they start from; each is
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as tdist
@@ -199,17 +200,37 @@ def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: 
     }
 
 
-def finish_supervised(ctx: StageRun, model, opt, batches: Batches, N: int, stats: dict, **provenance) -> dict:
-    """The end of mid_train and chat_sft: final checkpoint, metrics flushed, the stage's ref."""
-    out, rt = ctx.out, ctx.rt
+def train_supervised(ctx: StageRun, cfg: PipelineConfig, inputs: dict[str, dict], model, start_meta: dict,
+                     next_rows: Callable[[int], tuple], N: int, accum: int, tokens_per_step: int, evaluate,
+                     **provenance) -> dict:
+    """mid_train's and chat_sft's run once their data is ready: the checkpoint cadence, continuing an
+    unfinished run or starting fresh, the loop, the final checkpoint and the stage's ref."""
+    ctx.plan_checkpoints(cfg, inputs, model, start_meta, provenance["started_from"], N, tokens_per_step)
+    batches, opt = Batches(next_rows), make_optimizers(model, ctx.sc)
+    start, stats = ctx.resume_or_start(model, opt, batches)
+    stats = train_loop(ctx, model, opt, batches, N, accum, ctx.sc, evaluate, start, stats)
     ctx.checkpoint(N, model, opt, batches, stats)
+    out = ctx.out
     figures = {"step": N, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
                "trained_tokens": stats["tokens"], "train_time_s": stats["train_time_s"],
                "seconds": time.time() - ctx.started, "metrics_path": join(out, "metrics.jsonl"),
                "resumed_from": ctx.resumed_from}
-    ref = artifacts.make_ref(ctx.stage, out, figures) if rt.master else {"path": out, **figures}
+    ref = artifacts.make_ref(ctx.stage, out, figures) if ctx.rt.master else {"path": out, **figures}
     ctx.say(f"{ctx.label} done: {N} steps, val loss {stats['val_loss']}, {figures['seconds']:.0f}s; checkpoints in {out}")
     return ref
+
+
+def val_loss_logger(ctx: StageRun, model, batches_of: Callable[[], Iterable]) -> Callable[[int], float | None]:
+    """`evaluate(step)` for train_loop: the masked loss over the held-out batches, printed and logged."""
+
+    def evaluate(step: int) -> float | None:
+        loss = masked_loss(model, batches_of(), ctx.autocast, ctx.rt.device)
+        if loss is not None:
+            ctx.say(f"{ctx.label} step {step:05d} | val loss {loss:.4f}")
+            ctx.metrics.write({"step": step, "val/loss": loss})
+        return loss
+
+    return evaluate
 
 
 @torch.no_grad()

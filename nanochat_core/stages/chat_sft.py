@@ -20,8 +20,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    Batches, StageRun, build_mixture, finish_supervised, load_start, make_optimizers, masked_loss, sft_batch,
-    split_val, train_loop,
+    StageRun, build_mixture, load_start, sft_batch, split_val, train_supervised, val_loss_logger,
 )
 from nanochat_core.stage_args import parse
 
@@ -38,7 +37,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     model, tokenizer, start_meta = load_start("chat_sft", src, sc.step, rt.device)
     out = output_dir("chat_sft", cfg, depth=model.config.n_layer)
     ctx = StageRun("chat_sft", "sft", out, rt, hardware.autocast(sc.dtype, rt.device), sc)
-    say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
+    say = ctx.say
     B = sc.device_batch_size
     if sc.examples_per_step % (B * rt.world):
         raise UserError(f"--examples-per-step {sc.examples_per_step} is not a multiple of device_batch_size × "
@@ -62,23 +61,14 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
     val_mine = list(val_idx[rt.rank::rt.world])
 
-    def evaluate(step: int):
-        batches = (sft_batch([rendered(i) for i in val_mine[j: j + B]], pad_id, rt.device)
-                   for j in range(0, len(val_mine), B))
-        loss = masked_loss(model, batches, autocast, rt.device)
-        if loss is not None:
-            say(f"sft step {step:05d} | val loss {loss:.4f}")
-            metrics.write({"step": step, "val/loss": loss})
-        return loss
+    def val_batches():
+        return (sft_batch([rendered(i) for i in val_mine[j: j + B]], pad_id, rt.device) for j in range(0, len(val_mine), B))
 
     say(f"sft: from {src} (step {start_meta['step']}), {len(train_idx):,} conversations, {N} steps of "
         f"{sc.examples_per_step} ({accum} micro-batches of {B} per process)")
     # The cadence's estimate of a step counts every row at full length: padded SFT rows are shorter.
-    ctx.plan_checkpoints(cfg, inputs, model, start_meta, src, N, sc.examples_per_step * sc.max_seq_len)
-    batches, opt = Batches(next_rows), make_optimizers(model, sc)
-    start, stats = ctx.resume_or_start(model, opt, batches)
-    stats = train_loop(ctx, model, opt, batches, N, accum, sc, evaluate, start, stats)
-    return finish_supervised(ctx, model, opt, batches, N, stats, started_from=src, conversations=len(train_idx))
+    return train_supervised(ctx, cfg, inputs, model, start_meta, next_rows, N, accum, sc.examples_per_step * sc.max_seq_len,
+                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -21,8 +21,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    Batches, StageRun, all_reduce_min, build_mixture, finish_supervised, load_start, make_optimizers, masked_loss,
-    split_val, train_loop,
+    StageRun, all_reduce_min, build_mixture, load_start, split_val, train_supervised, val_loss_logger,
 )
 from nanochat_core.stage_args import parse
 
@@ -53,7 +52,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     model, tokenizer, start_meta = load_start("mid_train", src, mc.step, rt.device)
     out = output_dir("mid_train", cfg, depth=model.config.n_layer)
     ctx = StageRun("mid_train", "mid-train", out, rt, hardware.autocast(mc.dtype, rt.device), mc)
-    say, metrics, autocast = ctx.say, ctx.metrics, ctx.autocast
+    say = ctx.say
     T, B = mc.max_seq_len, mc.device_batch_size
     if T > model.config.sequence_len * 10:
         raise UserError(f"--max-seq-len {T} is beyond what the model's rotary table covers "
@@ -82,21 +81,11 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         batch = rows[cursor: cursor + B]
         return (batch[:, :-1], batch[:, 1:]), cursor + B
 
-    def evaluate(step: int):
-        if not len(val_rows) and rt.world == 1:
-            return None
-        batches = ((val_rows[i: i + B, :-1], val_rows[i: i + B, 1:]) for i in range(0, len(val_rows), B))
-        loss = masked_loss(model, batches, autocast, rt.device)
-        if loss is not None:
-            say(f"mid-train step {step:05d} | val loss {loss:.4f}")
-            metrics.write({"step": step, "val/loss": loss})
-        return loss
+    def val_batches():
+        return ((val_rows[i: i + B, :-1], val_rows[i: i + B, 1:]) for i in range(0, len(val_rows), B))
 
-    ctx.plan_checkpoints(cfg, inputs, model, start_meta, src, N, mc.total_batch_size)
-    batches, opt = Batches(next_rows), make_optimizers(model, mc)
-    start, stats = ctx.resume_or_start(model, opt, batches)
-    stats = train_loop(ctx, model, opt, batches, N, accum, mc, evaluate, start, stats)
-    return finish_supervised(ctx, model, opt, batches, N, stats, started_from=src, conversations=len(train_idx))
+    return train_supervised(ctx, cfg, inputs, model, start_meta, next_rows, N, accum, mc.total_batch_size,
+                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx))
 
 
 @exit_on_user_error

@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_client, get_run_logger, task
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import get_result_store
-from prefect.client.schemas.filters import (
-    TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import Cancelled, Crashed
 
 from flows.cache import StageCache
@@ -109,8 +107,10 @@ def release_orphaned_devices(client, tag: str) -> list[str]:
 
     When a node dies under a flow run, the zombie automation marks the flow run Crashed
     (flows/automations.py) but its task runs stay Running, and a task run's slot on a tag limit is only
-    released when it leaves Running: the devices would stay taken forever for the node's next run
-    (measured: the re-run's base_train waited in Pending). A forced Crashed state releases it.
+    released when it leaves Running (the server's lease on it has a 100-year TTL, prefect 3.8.8's
+    server/models/concurrency_limits.py): the devices would stay taken forever for the node's next run.
+    A forced Crashed state releases it (Prefect's minimal policy still runs ReleaseTaskConcurrencySlots);
+    the rehearsal's re-run logs the release and then gets the devices.
     """
     running = client.read_task_runs(
         task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[tag]),

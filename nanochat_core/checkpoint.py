@@ -187,10 +187,9 @@ def continue_or_start(ckpt_dir: str, key: str, master: bool, barrier, say, force
     """The step to continue from, or None for a fresh start (every rank calls this).
 
     The latest checkpoint is continued when its meta carries `key` and it is not the final step
-    (`force`, the --resume flag: whatever run it belongs to). Otherwise rank 0 moves the directory's
-    checkpoints aside, so a fresh run never overwrites one.
+    (`force`, the --resume flag: whatever run it belongs to). Otherwise the run starts fresh.
     """
-    step = latest_step(ckpt_dir) if storage.exists(ckpt_dir) else None
+    step = latest_step(ckpt_dir)
     if step is not None and not force:
         meta = read_meta(ckpt_dir, step)
         if meta.get("run_key") != key or step >= meta.get("num_iterations", step):
@@ -198,13 +197,19 @@ def continue_or_start(ckpt_dir: str, key: str, master: bool, barrier, say, force
     elif force and step is None:
         say(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
     barrier()  # every rank has decided from the same files before any of them moves
-    if step is None and master:
-        aside = move_aside(ckpt_dir) if storage.exists(ckpt_dir) else None
+    if step is None:
+        start_fresh(ckpt_dir, master, barrier, say)
+    return step
+
+
+def start_fresh(ckpt_dir: str, master: bool, barrier, say) -> None:
+    """A fresh run never overwrites: rank 0 moves the directory's checkpoints aside (every rank calls this)."""
+    if master:
+        aside = move_aside(ckpt_dir)
         if aside:
             say(f"{ckpt_dir} already held checkpoints of another or a finished run: moved them to {aside}")
         storage.makedirs(ckpt_dir)
     barrier()
-    return step
 
 
 def load_rank_state(ckpt_dir: str, step: int, rank: int, device="cpu") -> dict:

@@ -147,8 +147,9 @@ def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: 
     shards_needed = math.ceil(total_tokens * assume.chars_per_token / assume.chars_per_shard)
     tokens_available = num_shards * assume.chars_per_shard / assume.chars_per_token
     device = get_device(assume.gpu)
-    est_seconds = total_flops / (device.peak_flops * world * assume.mfu)
-    save_every = save_interval(train, num_iterations, est_seconds / num_iterations)
+    seconds_per_step = step_seconds(flops_per_token, train.total_batch_size, world, assume)
+    est_seconds = seconds_per_step * num_iterations
+    save_every = save_interval(train, num_iterations, seconds_per_step)
 
     def peak(batch: int) -> float:
         return estimate_peak_mem_gb(num_params, wte_params, mcfg.n_layer, mcfg.n_embd,

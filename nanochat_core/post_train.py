@@ -25,10 +25,9 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as tdist
 
-from nanochat_core import artifacts, dist, storage
+from nanochat_core import artifacts, dist
 from nanochat_core.checkpoint import (
-    continue_or_start, latest_step, load_model, load_model_state, load_rank_state, move_aside, read_meta, run_key,
-    save_checkpoint,
+    continue_or_start, latest_step, load_model, load_model_state, load_rank_state, read_meta, run_key, save_checkpoint,
 )
 from nanochat_core.config import PipelineConfig, PostTrainConfig
 from nanochat_core.errors import UserError
@@ -179,19 +178,6 @@ def all_reduce_min(value: int, device) -> int:
     return value
 
 
-def fresh_output(ckpt_dir: str, rt: dist.Runtime, say) -> None:
-    """A fresh run never overwrites: older checkpoints in the output directory are moved aside."""
-    if rt.master:
-        aside = move_aside(ckpt_dir) if storage.exists(ckpt_dir) else None
-        if aside:
-            say(f"{ckpt_dir} already held checkpoints: moved them to {aside}")
-        storage.makedirs(ckpt_dir)
-        stale = join(ckpt_dir, "metrics.jsonl")  # left by a run that crashed before its first checkpoint
-        if storage.exists(stale):
-            storage.remove(stale)
-    dist.barrier()
-
-
 def base_meta(stage: str, step: int, model, start_meta: dict, source: str, cfg: PipelineConfig, stage_cfg) -> dict:
     return {
         "stage": stage, "step": step, "model_config": model.config.to_dict(), "user_config": stage_cfg.model_dump(),
@@ -255,7 +241,7 @@ def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: i
     the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
     Steps `start`+1..N (a continued run passes its checkpoint's step and figures); `evaluate(step)`
     runs every `eval_every` steps and at the end; a checkpoint every `ctx.save_every` steps (the final
-    one is finish_supervised's). Returns the loop's figures."""
+    one is train_supervised's). Returns the loop's figures."""
     rt, say, metrics, autocast, stage = ctx.rt, ctx.say, ctx.metrics, ctx.autocast, ctx.label
     N = num_iterations
     stats = stats or {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}

@@ -24,11 +24,12 @@ import torch
 
 from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_for_completion
+from nanochat_core.checkpoint import start_fresh
 from nanochat_core.config import PipelineConfig
 from nanochat_core.engine import Engine
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import join, output_dir
-from nanochat_core.post_train import StageRun, base_meta, build_mixture, fresh_output, load_start, make_optimizers
+from nanochat_core.post_train import StageRun, base_meta, build_mixture, load_start, make_optimizers
 from nanochat_core.stage_args import parse
 from nanochat_core.tasks.math import GSM8K
 
@@ -104,9 +105,10 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
                         "or lower --examples-per-step")
     engine = Engine(model, tokenizer)
     autocast = hardware.autocast(rc.dtype, rt.device)
-    fresh_output(out, rt, say)
+    start_fresh(out, rt.master, dist.barrier, say)
     ctx = StageRun("chat_rl", "rl", out, rt, autocast)
     metrics = ctx.metrics
+    metrics.truncate_after(0)  # left by a run that crashed before its first checkpoint
     opt = make_optimizers(model, rc)
     say(f"rl: from {src} (step {start_meta['step']}), {len(mixture):,} problems, {N} steps of {rc.examples_per_step} "
         f"questions × {rc.num_samples} samples, {rc.max_new_tokens} new tokens")

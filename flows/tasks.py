@@ -27,7 +27,7 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import get_result_store
-from prefect.states import Cancelled, Crashed
+from prefect.states import Cancelled, Completed, Crashed
 
 from flows.cache import StageCache
 from nanochat_core import hardware, mlflow_model, tracking
@@ -179,6 +179,14 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
             _crown(ref, inputs.get("model", {}), logger)
         tracking.end_run(run_id)
         ref["run_id"], ref["parent_run_id"] = run_id, parent_run_id
+    if ref.get("unavailable_sources"):
+        # Built without a source the registry refused (a withdrawn package): trusted for this run only.
+        # No record under the cache key, so the next run runs the stage again, which asks the registry for
+        # those sources alone (seconds) and rebuilds once one is back; the ref travels downstream in a
+        # record under another key, as a cancelled stage's does.
+        logger.warning(f"{stage} was built without {', '.join(ref['unavailable_sources'])}; "
+                       "not cached: the next run asks the registry again")
+        return Completed(data=get_result_store().create_result_record(ref, key=f"degraded-{task_run.id}"))
     return ref
 
 

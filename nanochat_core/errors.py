@@ -20,6 +20,12 @@ class UserError(Exception):
     """A problem the user can fix; its message is one sentence naming the problem and the fix."""
 
 
+def warn(message: str) -> None:
+    """A problem the run survives (a source the registry no longer serves): one line on stderr, which the
+    flow streams into the task log."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def describe_validation_error(err: ValidationError, flag_style: bool = True) -> str:
     """One sentence for the first problem in a pydantic ValidationError, naming the field as a flag."""
     first = err.errors()[0]

@@ -30,7 +30,8 @@ from nanochat_core.checkpoint import (
     continue_or_start, latest_step, load_model, load_model_state, load_rank_state, read_meta, run_key, save_checkpoint,
 )
 from nanochat_core.config import PipelineConfig, PostTrainConfig
-from nanochat_core.errors import UserError
+from nanochat_core.data.packages import PackageUnavailable
+from nanochat_core.errors import UserError, warn
 from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.paths import join
 from nanochat_core.plan import save_interval, step_seconds
@@ -142,9 +143,28 @@ def make_optimizers(model, sc):
 
 
 def build_mixture(specs: list[str], seed: int, words_path: str | None = None):
+    """The mixture of `specs`. A task whose package the registry no longer serves is left out with a
+    warning (`mixture.dropped`: spec -> the registry's answer); the stage fails only if none is left."""
     if not specs:
         raise UserError("the task mixture is empty; pass --tasks with at least one task spec")
-    return TaskMixture([build_task(s, seed=seed, words_path=words_path) for s in specs], seed=seed)
+    tasks, dropped = [], {}
+    for spec in specs:
+        try:
+            tasks.append(build_task(spec, seed=seed, words_path=words_path))
+        except PackageUnavailable as e:
+            dropped[spec] = e.reason
+            warn(f"{e.reason}: task {spec} is left out of the mixture")
+    if not tasks:
+        raise UserError(f"no task of the mixture has data ({'; '.join(dropped.values())}); "
+                        "pass --tasks with tasks whose data is at hand, e.g. custom@/path/conversations.jsonl")
+    mixture = TaskMixture(tasks, seed=seed)
+    mixture.dropped = dropped
+    return mixture
+
+
+def dropped_tasks(mixture) -> str | None:
+    """The tasks a mixture lost and why, for the stage's ref (and so the report card); None if none."""
+    return "; ".join(f"{spec} ({reason})" for spec, reason in mixture.dropped.items()) or None
 
 
 def split_val(mixture, val_examples: int):

@@ -307,7 +307,8 @@ def eval_family(name: str) -> str | None:
 def headline_metrics(refs: dict[str, dict[str, Any]], wall_s: float | None = None,
                      usd_per_device_hour: float = 0.0, devices: int = 1) -> dict[str, float]:
     """The parent run's figures, one row per pipeline run in `mlflow ui`'s table:
-    base/val_bpb and base/core; <family>/chatcore and <family>/<task> per chat evaluation (mid_eval ->
+    base/val_bpb, base/core and base/core_tasks; <family>/chatcore, <family>/chatcore_tasks and
+    <family>/<task> per chat evaluation (mid_eval ->
     mid/...); time/<stage>_s per stage; time/total_s; cost/est_usd = the device stages' hours x devices
     x the price of a device-hour (plan.usd_per_gpu_hour)."""
     from nanochat_core.registry import STAGES
@@ -321,10 +322,12 @@ def headline_metrics(refs: dict[str, dict[str, Any]], wall_s: float | None = Non
     base_eval, base_train = refs.get("base_eval", {}), refs.get("base_train", {})
     put("base/val_bpb", base_eval.get("val_bpb", base_train.get("val_bpb")))
     put("base/core", base_eval.get("core"))
+    put("base/core_tasks", base_eval.get("core_tasks"))  # how many CORE tasks the figure averages
     for name, ref in refs.items():
         family = eval_family(name)
         if family:
             put(f"{family}/chatcore", ref.get("ChatCORE"))
+            put(f"{family}/chatcore_tasks", ref.get("chatcore_tasks"))
             for task, acc in (ref.get("tasks") or {}).items():
                 if task != "chatcore":
                     put(f"{family}/{task}", acc)

@@ -4,6 +4,11 @@ On these machines no hub is reachable, so the pipeline's first shards come from 
 registries ship (sources.py). The result has the FineWeb-Edu layout, and `nanochat download` reads it
 through a `file://` source exactly as it would read S3 or https.
 
+A source whose package the registry no longer serves is skipped with a warning naming it; the
+manifest lists what went in (`sources`) and what did not (`skipped`, with the registry's answer), and
+the build fails only when a tier yields no text. The next build asks the registry again for the
+skipped packages; when that question gets no answer, the build it would redo is kept.
+
 Two caches keep a rebuild to seconds: each source's converted documents (one parquet file per
 source, package version and converter version, beside the package cache), and the corpus itself (a
 build whose manifest key matches and whose shards are all present is not redone).
@@ -22,9 +27,9 @@ import pyarrow.parquet as pq
 
 from nanochat_core import storage
 from nanochat_core.data import shards
-from nanochat_core.data.packages import cache_root, fetch
+from nanochat_core.data.packages import IndexUnreachable, PackageUnavailable, cache_root, fetch
 from nanochat_core.data.sources import Source, sources_for
-from nanochat_core.errors import UserError
+from nanochat_core.errors import UserError, warn
 from nanochat_core.paths import join
 
 # Bump when a converter or the shuffle changes: it invalidates the per-source and the corpus caches.
@@ -53,22 +58,46 @@ def _key(source_names: list[str], shard_chars: int, archives: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cached_manifest(out: str, key: str) -> dict | None:
-    """The existing manifest if it describes this exact build and every shard is still there."""
+def _read_manifest(out: str) -> dict | None:
     url = join(out, MANIFEST)
     if not storage.exists(url):
         return None
     try:
-        manifest = json.loads(storage.read_text(url))
+        return json.loads(storage.read_text(url))
     except ValueError:
         return None
-    if manifest.get("key") != key:
+
+
+def _cached_manifest(out: str, key: str) -> dict | None:
+    """The existing manifest if it describes this exact build and every shard is still there."""
+    manifest = _read_manifest(out)
+    if manifest is None or manifest.get("key") != key:
         return None
     for entry in manifest["shards"]:
         shard = join(out, entry["file"])
         if not storage.exists(shard) or storage.size(shard) != entry["bytes"]:
             return None
     return manifest
+
+
+def _available(selected: list[Source], skipped_before: dict[str, str]) -> tuple[list[tuple[Source, Path]], dict[str, str]]:
+    """([(source, package file)] for the sources at hand, {name: why} for those the registry refused).
+
+    A source skipped by the last build whose registry does not answer now stays skipped (the build is
+    kept: an offline re-run finishes); any other unanswered question fails the stage."""
+    present, skipped = [], {}
+    for s in selected:
+        try:
+            present.append((s, fetch(s.package)))  # from the package cache after the first run
+        except PackageUnavailable as e:
+            skipped[s.name] = e.reason
+            warn(f"{e.reason}: corpus source {s.name} is skipped")
+        except IndexUnreachable as e:
+            if s.name not in skipped_before:
+                raise
+            skipped[s.name] = skipped_before[s.name]
+            warn(f"corpus source {s.name} stays skipped: {e}")
+    return present, skipped
 
 
 def build_corpus(
@@ -79,12 +108,16 @@ def build_corpus(
     if not selected:
         raise UserError(f"no corpus sources in tiers {tiers}; choose from lit, docs, ref")
     start = time.perf_counter()
-    archives = [fetch(s.package) for s in selected]  # from the package cache after the first run
-    key = _key([s.name for s in selected], shard_chars, [a.name for a in archives])
+    present, skipped = _available(selected, (_read_manifest(out) or {}).get("skipped", {}))
+    tiers_left = {s.tier for s in present}
+    if lost := sorted({s.tier for s in selected} - tiers_left):
+        raise UserError(f"no text for tier {', '.join(lost)}: {'; '.join(skipped.values())}; "
+                        "choose other tiers with --tiers, or put the archives into the package cache by hand")
+    key = _key([s.name for s, _ in present], shard_chars, [a.name for _, a in present])
     cached = _cached_manifest(out, key)
     if cached is not None:
         return {**cached, "cached": True, "build_seconds": round(time.perf_counter() - start, 2)}
-    loaded = [(s, *source_documents(s)) for s in selected]
+    loaded = [(s, *source_documents(s)) for s, _ in present]
 
     # A rebuild first drops the old manifest, so a crash halfway is never mistaken for a finished build.
     storage.remove(join(out, MANIFEST))
@@ -99,7 +132,7 @@ def build_corpus(
     manifest = {
         "version": CORPUS_VERSION,
         "key": key,
-        "tiers": sorted({s.tier for s in selected}),
+        "tiers": sorted({s.tier for s, _ in present}),
         "shard_chars": shard_chars,
         "shuffle_seed": SHUFFLE_SEED,
         "total_docs": len(docs),
@@ -118,6 +151,7 @@ def build_corpus(
             }
             for s, source_docs, archive in loaded
         ],
+        "skipped": skipped,
         "shards": [
             {
                 "index": i,

@@ -6,11 +6,21 @@ Debian packages come through `apt-get download`, PyPI archives through `pip down
 artifacts does not mean downloading again; the corpus's converted sources, remote task data and the
 locks for remote outputs live there too. Tar members are streamed out of the archive instead of
 unpacked to disk: rust-doc unpacks to 580 MB of which we want 5 MB.
+
+Registries change: a version can be withdrawn (bigbench 1.0.0 was, in Dec 2026). Before downloading,
+`fetch` asks the registry itself whether it serves the package, and tells three answers apart:
+- it does: download;
+- it does not (PyPI's simple page answers 404, or 200 without that version; apt cannot locate the
+  package): `PackageUnavailable`, which callers turn into a source recorded as missing, with the reason;
+- no answer (timeout, connection refused or reset, 5xx): retried, then a `UserError` that fails the
+  stage: a network hiccup never degrades a build silently.
+pip's own last line cannot tell these apart ("No matching distribution found" offline and refused alike).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import os
 import re
@@ -19,15 +29,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import tenacity
 from filelock import FileLock
 
 from nanochat_core.errors import UserError
 
 CACHE_ENV = "NANOCHAT_FLOW_CACHE"
+INDEX_TIMEOUT_S = 20.0  # per request to the index's simple page (a few KB)
+INDEX_ATTEMPTS = 3  # a 503 or a reset connection is asked again twice (backoff 1 s, 2 s) before the stage fails
 
 
 def cache_root() -> Path:
@@ -45,6 +60,18 @@ class Package:
 
     def __str__(self) -> str:
         return self.name if self.kind == "deb" else f"{self.name}=={self.version}"
+
+
+class PackageUnavailable(UserError):
+    """The registry answered that it does not serve this package or version: the source is gone, not down."""
+
+    def __init__(self, pkg: Package, reason: str, directory: Path):
+        super().__init__(f"{reason}; if you have its archive, put it into {directory} by hand")
+        self.package, self.reason = pkg, reason
+
+
+class IndexUnreachable(UserError):
+    """No answer from the registry (timeout, refused or reset connection, a 5xx): transient, never `missing`."""
 
 
 def _cached(pkg: Package, directory: Path) -> Path | None:
@@ -74,6 +101,7 @@ def fetch(pkg: Package, directory: Path | None = None) -> Path:
     with FileLock(directory / f".{pkg.name}.lock"):
         if hit := _cached(pkg, directory):  # another process fetched it while we waited
             return hit
+        check_served(pkg, directory)
         print(f"fetching {pkg} into {directory} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
             if pkg.kind == "deb":
@@ -86,6 +114,114 @@ def fetch(pkg: Package, directory: Path | None = None) -> Path:
             target = directory / files[0].name
             os.replace(files[0], target)
             return target
+
+
+def in_cache(pkg: Package, directory: Path | None = None) -> bool:
+    """Whether the package file is already in the cache (put there by a download or by hand)."""
+    return _cached(pkg, directory or cache_root() / "packages") is not None
+
+
+def check_served(pkg: Package, directory: Path | None = None, attempts: int = INDEX_ATTEMPTS) -> None:
+    """Return if the registry serves `pkg`; `PackageUnavailable` if it answers that it does not;
+    `IndexUnreachable` if it does not answer after `attempts` tries."""
+    where = directory or cache_root() / "packages"
+    if pkg.kind == "deb":
+        _check_apt(pkg, where)
+        return
+    url = f"{index_url().rstrip('/')}/{normalized_name(pkg.name)}/"
+    try:
+        status, page = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_NoAnswer),
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=tenacity.wait_exponential(multiplier=1, max=4),
+            reraise=True,
+        )(_simple_page, url)
+    except _NoAnswer as e:
+        raise IndexUnreachable(
+            f"the package index did not answer for {pkg} ({e} at {url}, {attempts} tries); this is a network "
+            f"problem, not a missing package: check network access and run again, or put the archive into {where} by hand"
+        ) from None
+    if status in (404, 410):
+        raise PackageUnavailable(pkg, f"{pkg.name} is not on the package index", where)
+    if status != 200:
+        raise IndexUnreachable(f"the package index answered HTTP {status} for {url}; check its address (PIP_INDEX_URL) and access")
+    versions = served_versions(pkg.name, page)
+    if pkg.version not in versions:
+        served = ", ".join(sorted(versions)) or "no files"
+        raise PackageUnavailable(pkg, f"{pkg} is not on the package index (it serves {served})", where)
+
+
+class _NoAnswer(Exception):
+    pass
+
+
+def _simple_page(url: str) -> tuple[int, str]:
+    """(status, body) of a PEP 503 project page; `_NoAnswer` for what deserves another try."""
+    request = urllib.request.Request(url, headers={"Accept": "text/html"})
+    try:
+        with urllib.request.urlopen(request, timeout=INDEX_TIMEOUT_S) as response:
+            return response.status, response.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        if e.code >= 500 or e.code == 429:
+            raise _NoAnswer(f"HTTP {e.code}") from None
+        return e.code, ""
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
+        reason = getattr(e, "reason", e)
+        raise _NoAnswer(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__) from None
+
+
+def normalized_name(name: str) -> str:
+    """PEP 503's normalized project name (what the simple index's URLs use)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def served_versions(name: str, page: str) -> set[str]:
+    """The versions a PEP 503 HTML page offers files for (sdists and wheels)."""
+    stem = re.sub(r"[-_.]+", "_", name).lower()
+    versions = set()
+    for filename in re.findall(r">\s*([^<>]+?)\s*</a>", page):
+        base = re.sub(r"\.(tar\.gz|tar\.bz2|zip|whl|tgz)$", "", filename.strip())
+        head = re.sub(r"[-_.]+", "_", base[: len(name)]).lower()
+        if head == stem and base[len(name): len(name) + 1] == "-":
+            versions.add(base[len(name) + 1:].split("-")[0])
+    return versions
+
+
+def index_url() -> str:
+    """The simple index pip downloads from: PIP_INDEX_URL, else pip's configured index-url, else pip's default."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].split()[0]
+    return _configured_index()
+
+
+@functools.cache
+def _configured_index() -> str:
+    pip = _pip_command(Package("wheel", "pip", ""), cache_root() / "packages")
+    configured = subprocess.run([*pip, "config", "get", "global.index-url"], capture_output=True, text=True)
+    if configured.returncode == 0 and configured.stdout.strip():
+        return configured.stdout.strip()
+    # pip's built-in default, read from pip itself (whichever interpreter has it) rather than spelled here.
+    ask = "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"
+    for python in (sys.executable, shutil.which("python3")):
+        if python and (found := subprocess.run([python, "-c", ask], capture_output=True, text=True)).returncode == 0:
+            return found.stdout.strip()
+    raise UserError("cannot tell which package index pip uses; set PIP_INDEX_URL to its simple index URL")
+
+
+def _check_apt(pkg: Package, where: Path) -> None:
+    """Debian: `apt-cache show` after a fresh `apt-get update` is the archive's own answer."""
+    if not shutil.which("apt-cache"):
+        return  # `_apt_download` says what is missing
+    if _run(["apt-cache", "show", pkg.name], "/").returncode == 0:
+        return
+    update = _run(["apt-get", "update"], "/")
+    if update.returncode != 0:
+        raise IndexUnreachable(
+            f"`apt-get update` failed ({_last_line(update)}) while looking for Debian package {pkg.name}; "
+            "check network access and run again"
+        )
+    if _run(["apt-cache", "show", pkg.name], "/").returncode != 0:
+        raise PackageUnavailable(pkg, f"Debian package {pkg.name} is not in the package archive", where)
 
 
 def _run(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:

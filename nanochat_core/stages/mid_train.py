@@ -21,7 +21,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
-    StageRun, all_reduce_min, build_mixture, load_start, split_val, train_supervised, val_loss_logger,
+    StageRun, dropped_tasks, all_reduce_min, build_mixture, load_start, split_val, train_supervised, val_loss_logger,
 )
 from nanochat_core.stage_args import parse
 
@@ -85,7 +85,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         return ((val_rows[i: i + B, :-1], val_rows[i: i + B, 1:]) for i in range(0, len(val_rows), B))
 
     return train_supervised(ctx, cfg, inputs, model, start_meta, next_rows, N, accum, mc.total_batch_size,
-                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx))
+                            val_loss_logger(ctx, model, val_batches), started_from=src, conversations=len(train_idx),
+                            dropped_tasks=dropped_tasks(mixture))
 
 
 @exit_on_user_error

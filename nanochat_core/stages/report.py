@@ -38,7 +38,7 @@ STAGE_ORDER = [s for name in STAGES if name != "report"
                for s in ([eval_ref_name(f) for f in FAMILIES if f != "base"] if name == "chat_eval" else [name])]
 # Keys of a ref that are bookkeeping, not figures.
 HIDDEN = {"stage", "path", "manifest", "digest", "run_id", "metrics_path", "samples", "tasks", "per_task",
-          "core_table"}
+          "core_table", "missing_tasks", "missing_reasons"}
 
 
 def find_refs(root: str) -> dict[str, dict]:
@@ -106,7 +106,11 @@ def summary_table(refs: dict[str, dict]) -> list[str]:
         metrics = {**ref.get("tasks", {}), **ref}
         key = {"CORE": "core", "ChatCORE": "chatcore"}.get(row, row)
         found = metrics.get(key)
-        return _fmt(float(found)) if isinstance(found, (int, float)) else "-"
+        if not isinstance(found, (int, float)):
+            return "-"
+        # A score over fewer tasks than its definition says so (a source the registry stopped serving).
+        count, of = {"CORE": (ref.get("core_tasks"), ref.get("core_of")), "ChatCORE": (ref.get("chatcore_tasks"), ref.get("chatcore_of"))}.get(row, (None, None))
+        return _fmt(float(found)) + (f" ({count} of {of} tasks)" if count is not None and of and count < of else "")
 
     header = "| metric | " + " | ".join(SUMMARY_COLUMNS) + " |"
     rule = "|---|" + "---|" * len(SUMMARY_COLUMNS)

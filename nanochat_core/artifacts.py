@@ -6,6 +6,13 @@ figures it measured, and a `manifest` of the files it produced with their sizes 
 content changes (a stage re-run that reproduces its output byte for byte leaves its dependents cached);
 `verify` checks that every listed file is still there with that content, so a cached ref whose artifact
 was deleted, truncated or overwritten is recomputed rather than trusted.
+
+On an object store the manifest also records each object's ETag, read back from a listing after the
+upload, and `verify` compares sizes and ETags from one listing instead of downloading every file to hash
+it (a d20 checkpoint and its eight optimizer files are gigabytes): any new upload of a key gets a new
+ETag, so another config's output written to the same directory is still told apart.
+`NANOCHAT_CACHE_VERIFY=full` (`nanochat speedrun --verify full`) hashes the content there too; a local
+base dir is always hashed, which is cheap on a local disk.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 from nanochat_core import storage
 
 RESULT_FILE = "result.json"
+VERIFY_ENV = "NANOCHAT_CACHE_VERIFY"  # "full": hash object-store files on a cache lookup instead of comparing ETags
 # The launcher sets this; a stage's main() writes its ref there for the parent process to read.
 RESULT_PATH_ENV = "NANOCHAT_RESULT_PATH"
 INPUTS_PATH_ENV = "NANOCHAT_INPUTS_PATH"
@@ -29,12 +37,15 @@ def manifest(root: str, files: list[str] | None = None) -> dict[str, dict[str, A
     if files is None:
         found = fs.find(base) if fs.exists(base) else []
         files = [p[len(base.rstrip("/")) + 1 :] for p in found]
+    tags = storage.object_tags(root)  # after the upload: what the store itself reports
     sizes = {}
     for rel in sorted(files):
         if rel == RESULT_FILE or ".tmp-" in rel:
             continue
         url = _url(root, rel)
         sizes[rel] = {"size": storage.size(url), "sha256": storage.sha256(url)}
+        if rel in tags and tags[rel]["size"] == sizes[rel]["size"]:
+            sizes[rel]["etag"] = tags[rel]["etag"]
     return sizes
 
 
@@ -72,15 +83,22 @@ def inputs() -> dict[str, dict[str, Any]] | None:
     return json.loads(storage.read_text(path)) if path and storage.exists(path) else None
 
 
-def verify(ref: dict[str, Any]) -> bool:
+def verify(ref: dict[str, Any], full: bool | None = None) -> bool:
     """True if every file in the ref's manifest is still there with the same content.
 
     Content, not just size: two configs of one stage can write the same directory (base_checkpoints/d20),
-    so a size check alone would trust the other config's output. Hashing costs seconds for a d20
-    checkpoint, against hours to retrain it, and only runs on a cache lookup.
+    so a size check alone would trust the other config's output. On a local disk the content is hashed
+    (seconds for a d20 checkpoint, against hours to retrain it). On an object store, where hashing means
+    downloading, the ETags recorded at write time are compared from one listing, unless `full` (default:
+    $NANOCHAT_CACHE_VERIFY == "full").
     """
+    full = os.environ.get(VERIFY_ENV) == "full" if full is None else full
+    entries = ref.get("manifest", {})
     try:
-        for rel, entry in ref.get("manifest", {}).items():
+        if not full and entries and all("etag" in e for e in entries.values()):
+            listed = storage.object_tags(ref["path"])
+            return all(listed.get(rel) == {"size": e["size"], "etag": e["etag"]} for rel, e in entries.items())
+        for rel, entry in entries.items():
             url = _url(ref["path"], rel)
             if not storage.exists(url) or storage.size(url) != entry["size"] or storage.sha256(url) != entry["sha256"]:
                 return False

@@ -88,6 +88,26 @@ def file_sizes(url: str) -> dict[str, int]:
             for e in entries if e.get("type") == "file"}
 
 
+def object_tags(url: str) -> dict[str, dict]:
+    """{relative path: {size, etag}} of every file below a directory on an object store, from one
+    recursive listing (the store sends each object's ETag with it, no body is read); {} on a local disk
+    or where the store gives no ETag."""
+    if is_local(url):
+        return {}
+    fs, path = _fresh(url)
+    root = path.rstrip("/") + "/"
+    try:
+        entries = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    tags = {}
+    for name, info in entries.items():
+        etag = info.get("ETag") or info.get("etag")
+        if name.startswith(root) and etag:
+            tags[name[len(root):]] = {"size": int(info.get("size") or 0), "etag": str(etag).strip('"')}
+    return tags
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:

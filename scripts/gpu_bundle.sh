@@ -3,6 +3,7 @@
 # machine already has Python and torch (e.g. Python 3.12 + torch 2.11) but not the rest:
 #
 #   bash scripts/gpu_bundle.sh OUT_DIR [--python-version 3.12] [--base BASE_DIR] [--shards N]
+#                                      [--skip FILE] [--serve]
 #   rsync -a OUT_DIR gpu-host:nanochat-bundle/
 #   ssh gpu-host 'cd nanochat-bundle && bash run.sh --preset d12 --num-iterations 300'
 #
@@ -11,7 +12,9 @@
 #                     s3fs, numpy, ...) as wheels for the target Python, the abi3 tokenizer_rs wheel
 #                     (built here by maturin through `uv build`) and the nanochat-flow wheel. Not torch,
 #                     triton or nvidia-*: the GPU machine's own torch is used. Not prefect / mlflow /
-#                     fastapi either: a stage run by hand needs neither.
+#                     fastapi either: a stage run by hand needs neither (--serve adds fastapi and uvicorn
+#                     for `nanochat serve`). --skip FILE leaves out the packages it names, one a line, and
+#                     what only they need: what the target machine already has (scripts/gpu_check.sh).
 #   requirements.txt  what wheels/ holds, pinned as in uv.lock
 #   base/             tokenizer/ and base_data/ copied from BASE_DIR (--base), the first N training
 #                     shards plus the val shard (--shards N, default all)
@@ -22,17 +25,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-usage() { echo "usage: bash scripts/gpu_bundle.sh OUT_DIR [--python-version X.Y] [--base BASE_DIR] [--shards N]" >&2; exit 2; }
+usage() { echo "usage: bash scripts/gpu_bundle.sh OUT_DIR [--python-version X.Y] [--base BASE_DIR] [--shards N] [--skip FILE] [--serve]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 PYV=3.12
 BASE=""
 SHARDS=""
+SKIP=""
+SERVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --python-version) PYV=${2:?}; shift 2 ;;
     --base) BASE=${2:?}; shift 2 ;;
     --shards) SHARDS=${2:?}; shift 2 ;;
+    --skip) SKIP=$(cd "$(dirname "${2:?}")" && pwd)/$(basename "$2"); shift 2 ;;
+    --serve) SERVE=1; shift ;;
     *) usage ;;
   esac
 done
@@ -52,8 +59,9 @@ rm -rf "$OUT/wheels" "$OUT/site"
 mkdir -p "$OUT/wheels"
 
 echo "gpu_bundle: dependency closure for Python $PYV from uv.lock"
-.venv/bin/python - "$PYV" > "$OUT/requirements.txt" <<'EOF'
+.venv/bin/python - "$PYV" "$SKIP" "$SERVE" > "$OUT/requirements.txt" <<'EOF'
 """The locked dependency closure of the library, minus torch's stack and the orchestration packages."""
+import re
 import sys
 import tomllib
 
@@ -64,7 +72,13 @@ from packaging.markers import Marker
 LEAVE_OUT = {"torch", "prefect", "mlflow", "fastapi", "uvicorn"}
 THEIRS = ("torch", "triton", "nvidia-", "cuda-")  # torch's own stack, already on the GPU machine
 
-py = sys.argv[1]
+py, skip_file, serve = sys.argv[1:4]
+if serve:
+    LEAVE_OUT -= {"fastapi", "uvicorn"}
+# Packages named in --skip (normalized as uv.lock spells names), and the dependencies only they bring.
+SKIP = set()
+if skip_file:
+    SKIP = {re.sub(r"[-_.]+", "-", line.split("#")[0].strip()).lower() for line in open(skip_file)} - {""}
 env = {"python_version": py, "python_full_version": py + ".0", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
        "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
@@ -91,7 +105,7 @@ todo = [d for d in root["dependencies"] if d["name"] not in LEAVE_OUT and applie
 seen = {}
 while todo:
     dep = todo.pop()
-    if dep["name"].startswith(THEIRS):
+    if dep["name"].startswith(THEIRS) or dep["name"] in SKIP:
         continue
     pkg = resolve(dep)
     if pkg["name"] in seen:

@@ -40,6 +40,21 @@ def describe_validation_error(err: ValidationError, flag_style: bool = True) -> 
     return f"invalid value {value!r} for {field}: {msg}; pass a valid value or drop the flag"
 
 
+def store_problem(err: BaseException) -> str | None:
+    """One sentence for an object store that cannot be used at all (no credentials, endpoint unreachable),
+    which every stage on an s3:// base dir meets first; None for anything else."""
+    try:
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    except ImportError:  # no S3 support installed: nothing of the kind can be raised
+        return None
+    if isinstance(err, NoCredentialsError):
+        return ("no credentials for the object store; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), or use a local NANOCHAT_BASE_DIR")
+    if isinstance(err, EndpointConnectionError):
+        return f"cannot reach the object store ({err}); check AWS_ENDPOINT_URL and the network"
+    return None
+
+
 def exit_on_user_error(fn: F) -> F:
     """Run an entry point; turn UserError / ValidationError into `error: ...` and exit status 2."""
 
@@ -52,6 +67,12 @@ def exit_on_user_error(fn: F) -> F:
             raise SystemExit(2) from None
         except ValidationError as e:
             print(f"error: {describe_validation_error(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as e:
+            sentence = store_problem(e)
+            if sentence is None:
+                raise
+            print(f"error: {sentence}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -35,6 +35,8 @@ def describe_validation_error(err: ValidationError, flag_style: bool = True) -> 
     value = first.get("input")
     msg = first["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
+    if not loc:  # a check of the whole config (an unknown preset): its own sentence names the problem
+        return msg.removeprefix("value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown setting {'.'.join(loc)!s}; check its spelling against `nanochat <stage> --help`"
     return f"invalid value {value!r} for {field}: {msg}; pass a valid value or drop the flag"

@@ -157,6 +157,11 @@ PRESETS: dict[str, Callable[[], PipelineConfig]] = {
 }
 
 
+# Presets sized for GPU nodes: on a CPU they would run for months (d20: 21,400 steps of ~24 min) before
+# anyone noticed, so the model-running stages refuse them there unless told --device-type cpu.
+GPU_PRESETS = ("d12", "d20", "d26", "d32")
+
+
 def get_preset(name: str) -> PipelineConfig:
     """The preset called `name`, or a UserError listing the valid names."""
     if name not in PRESETS:

@@ -21,6 +21,7 @@ from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError
 from nanochat_core.flags import add_config_flags, config_from_args, stage_parser
 from nanochat_core.paths import join, output_dir
+from nanochat_core.presets import GPU_PRESETS
 from nanochat_core.registry import FAMILIES, STAGES, eval_ref_name
 
 # The stage whose output each named input is, when the command line names none.
@@ -50,10 +51,6 @@ def parse(stage: str, argv: list[str] | None, p: argparse.ArgumentParser | None 
     if artifacts.inputs() is None:  # run by hand; under the launcher the parent process checked already
         preflight(stage, cfg)
     return cfg, resolve(stage, cfg, {k: v for k, v in given.items() if v})
-
-
-# Presets sized for GPU nodes: on CPU they would run for days (d20: 15,400 bf16 steps) before anyone noticed.
-GPU_PRESETS = ("d12", "d20", "d26", "d32")
 
 
 def refuse_gpu_preset_on_cpu(cfg: PipelineConfig, stages: list[str], command: str) -> None:

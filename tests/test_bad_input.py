@@ -257,3 +257,12 @@ def test_chat_finds_a_registered_model_from_any_directory(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.listdir(elsewhere) == []  # no stray ./mlflow.db
+
+
+@pytest.mark.slow  # botocore and s3fs retry the connection for ~10 s before giving up
+def test_object_store_endpoint_that_does_not_answer():
+    proc = nanochat("corpus", "build", "--preset", "tiny",
+                    env={"NANOCHAT_BASE_DIR": "s3://nobucket/x", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                         "AWS_EC2_METADATA_DISABLED": "true"})
+    refused(proc, "cannot reach the object store", "AWS_ENDPOINT_URL")

@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
+from nanochat_core import storage
 from nanochat_core.artifacts import VERIFY_ENV
 from nanochat_core.config import stage_names
 from nanochat_core.data.packages import cache_root
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = set_dotted(cfg, assignment)
     torch_stages = [s for s in STAGES if STAGES[s].devices == "node"]
     refuse_gpu_preset_on_cpu(cfg, torch_stages, " ".join(f"--set {s}.device_type=cpu" for s in torch_stages))
+    storage.check_writable(base_dir())  # every stage writes there, and Prefect's home sits under it
     os.environ.update(embedded_defaults(base_dir()))  # before Prefect is imported: it reads settings at import
     if ns.verify == "full":
         os.environ[VERIFY_ENV] = "full"  # read by every cache lookup (artifacts.verify)

@@ -185,6 +185,7 @@ def test_speedrun_refuses_before_the_flow_starts():
     refused(nanochat("speedrun", "--refresh", "bogus"), "--refresh 'bogus': no such stage", "base_train")
     refused(nanochat("speedrun", "--skip", "base-train"), "cannot skip base_train", "skippable")
     refused(nanochat("speedrun", "--preset", "d12"), "preset d12 is sized for GPUs", "base_train.device_type=cpu")
+    refused(nanochat("speedrun", env={"NANOCHAT_BASE_DIR": "/proc/nanochat"}), "cannot write to /proc/nanochat")
 
 
 def test_gpu_preset_is_refused_on_a_cpu_node_unless_forced(monkeypatch):

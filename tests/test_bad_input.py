@@ -160,6 +160,8 @@ def test_custom_task_that_is_a_directory_or_has_no_assistant_turn(tmp_path):
 
     with pytest.raises(UserError, match="is a directory; pass the path of a JSONL file"):
         build_task(f"custom@{tmp_path}")
+    # At the command line the task file is checked before any model is looked for or loaded.
+    refused(nanochat("sft", "--preset", "tiny", "--tasks", f"custom@{tmp_path}"), f"{tmp_path} is a directory")
     # 60 user-only lines used to train at loss 0 and write a checkpoint that learned nothing.
     convs = tmp_path / "convs.jsonl"
     convs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"

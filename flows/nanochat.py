@@ -27,6 +27,7 @@ from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
 from nanochat_core.errors import UserError
 from nanochat_core.presets import PresetConfig
 from nanochat_core.registry import STAGES, stage_named
+from nanochat_core.stage_args import refuse_gpu_preset_on_cpu
 
 SKIPPABLE = sorted(s.name for s in STAGES.values() if s.skippable)
 
@@ -48,6 +49,9 @@ def stage_list(words: list[str], purpose: str) -> list[str]:
 def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh: list[str] = []) -> dict[str, Any]:
     """Run the pipeline for `cfg`; `skip` leaves stages out, `refresh` re-runs stages despite their cache."""
     skip, refresh = stage_list(skip, "skip"), stage_list(refresh, "refresh")
+    # A deployment run (the UI, prefect.yaml) reaches here without the speedrun command's check.
+    refuse_gpu_preset_on_cpu(cfg, [s for s in STAGES if STAGES[s].devices == "node" and s not in skip],
+                             "cfg.<stage>.device_type = cpu for each torch stage")
     logger = get_run_logger()
     ctx = FlowRunContext.get()
     started = time.time()

@@ -182,6 +182,15 @@ def test_speedrun_stage_names_map_or_are_refused():
         stage_list(["bogus"], "refresh")
 
 
+def test_flow_refuses_a_gpu_preset_on_a_cpu_node(monkeypatch):
+    """A deployment run (the UI, prefect.yaml) never passes through the speedrun command's check."""
+    from flows.nanochat import nanochat as flow
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="preset d20 is sized for GPUs"):
+        flow.fn(get_preset("d20"))
+
+
 @pytest.mark.slow  # three Prefect imports on a busy box: ~30 s
 def test_speedrun_refuses_before_the_flow_starts():
     refused(nanochat("speedrun", "--refresh", "bogus"), "--refresh 'bogus': no such stage", "base_train")

@@ -26,17 +26,32 @@ from nanochat_core import hardware, launch, tracking
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
 from nanochat_core.errors import UserError
 from nanochat_core.presets import PresetConfig
-from nanochat_core.registry import STAGES
+from nanochat_core.registry import STAGES, stage_named
+from nanochat_core.stage_args import refuse_gpu_preset_on_cpu
 
 SKIPPABLE = sorted(s.name for s in STAGES.values() if s.skippable)
+
+
+def stage_list(words: list[str], purpose: str) -> list[str]:
+    """The stages `--skip`/`--refresh` name, checked before anything runs: an unknown name would otherwise
+    be ignored without a word, and a stage later stages need cannot be skipped."""
+    try:
+        stages = [stage_named(w, purpose) for w in words]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    bad = sorted(set(stages) - set(SKIPPABLE)) if purpose == "skip" else []
+    if bad:
+        raise UserError(f"cannot skip {', '.join(bad)}: later stages need its output; skippable: {', '.join(SKIPPABLE)}")
+    return stages
 
 
 @flow(name="nanochat", log_prints=True)
 def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh: list[str] = []) -> dict[str, Any]:
     """Run the pipeline for `cfg`; `skip` leaves stages out, `refresh` re-runs stages despite their cache."""
-    bad = set(skip) - set(SKIPPABLE)
-    if bad:
-        raise UserError(f"cannot skip {', '.join(sorted(bad))}: later stages need it; skippable: {', '.join(SKIPPABLE)}")
+    skip, refresh = stage_list(skip, "skip"), stage_list(refresh, "refresh")
+    # A deployment run (the UI, prefect.yaml) reaches here without the speedrun command's check.
+    refuse_gpu_preset_on_cpu(cfg, [s for s in STAGES if STAGES[s].devices == "node" and s not in skip],
+                             "cfg.<stage>.device_type = cpu for each torch stage")
     logger = get_run_logger()
     ctx = FlowRunContext.get()
     started = time.time()

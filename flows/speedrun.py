@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
+from nanochat_core import storage
 from nanochat_core.artifacts import VERIFY_ENV
 from nanochat_core.config import stage_names
 from nanochat_core.data.packages import cache_root
@@ -27,6 +28,8 @@ from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.flags import CommandParser, set_dotted
 from nanochat_core.paths import base_dir
 from nanochat_core.presets import PRESETS, get_preset
+from nanochat_core.registry import STAGES
+from nanochat_core.stage_args import refuse_gpu_preset_on_cpu
 from nanochat_core.tracking import tracking_uri
 
 
@@ -56,7 +59,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--refresh", action="append", default=[], metavar="STAGE",
                         help=f"re-run this stage even if cached (repeatable); stages: {', '.join(stage_names())}")
     parser.add_argument("--skip", action="append", default=[], metavar="STAGE",
-                        help="leave this stage out on purpose (repeatable)")
+                        help="leave this stage out on purpose (repeatable); a stage name or its command (rl, base-eval)")
     parser.add_argument("--verify", choices=("etag", "full"), default="etag",
                         help="how a cache hit on an object-store base dir is checked: etag (sizes and ETags from one "
                              "listing, the default) or full (download and hash every file); a local base dir is always hashed")
@@ -69,15 +72,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = get_preset(ns.preset)
     for assignment in ns.sets:
         cfg = set_dotted(cfg, assignment)
+    torch_stages = [s for s in STAGES if STAGES[s].devices == "node"]
+    refuse_gpu_preset_on_cpu(cfg, torch_stages, " ".join(f"--set {s}.device_type=cpu" for s in torch_stages))
+    storage.check_writable(base_dir())  # every stage writes there, and Prefect's home sits under it
     os.environ.update(embedded_defaults(base_dir()))  # before Prefect is imported: it reads settings at import
     if ns.verify == "full":
         os.environ[VERIFY_ENV] = "full"  # read by every cache lookup (artifacts.verify)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
-    from flows.nanochat import nanochat
+    from flows.nanochat import nanochat, stage_list
 
+    # Checked here too, before the flow starts: inside it a bad name would end in Prefect's traceback.
+    skip, refresh = stage_list(ns.skip, "skip"), stage_list(ns.refresh, "refresh")
     started = time.time()
-    state = nanochat(cfg, skip=ns.skip, refresh=ns.refresh, return_state=True)
+    state = nanochat(cfg, skip=skip, refresh=refresh, return_state=True)
     wall = time.time() - started
     # After a failure, downstream runs stay NotReady (never final): don't wait for them.
     rows = stage_summary(state.state_details.flow_run_id, 60 if state.is_completed() else 5)

@@ -97,6 +97,22 @@ def latest_step(ckpt_dir: str) -> int | None:
     return next((step for step in reversed(_meta_steps(sizes)) if _complete(ckpt_dir, step, sizes)), None)
 
 
+def unreadable_metas(ckpt_dir: str, after: int | None) -> list[str]:
+    """The meta files newer than step `after` whose JSON does not parse."""
+    bad = []
+    for step in _meta_steps(storage.file_sizes(ckpt_dir)):
+        if after is not None and step <= after:
+            continue
+        url = join(ckpt_dir, meta_file(step))
+        try:
+            json.loads(storage.read_text(url))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad.append(url)
+        except FileNotFoundError:
+            pass  # moved aside since the listing
+    return bad
+
+
 def read_meta(ckpt_dir: str, step: int) -> dict:
     url = join(ckpt_dir, meta_file(step))
     try:
@@ -190,6 +206,12 @@ def continue_or_start(ckpt_dir: str, key: str, master: bool, barrier, say, force
     (`force`, the --resume flag: whatever run it belongs to). Otherwise the run starts fresh.
     """
     step = latest_step(ckpt_dir)
+    for url in unreadable_metas(ckpt_dir, after=step):
+        # The newest metadata does not parse (a disk that filled mid-write, a hand edit): the step before
+        # it is what survived, and the user should know which file was passed over.
+        say(f"warning: checkpoint metadata {url} is not valid JSON; "
+            + (f"continuing from step {step}, the newest good checkpoint" if step is not None else
+               "no earlier checkpoint is complete") + "; delete that file to silence this")
     if step is not None and not force:
         meta = read_meta(ckpt_dir, step)
         if meta.get("run_key") != key or step >= meta.get("num_iterations", step):

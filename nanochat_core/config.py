@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FINEWEB_EDU_URL = (
     "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/"
@@ -385,6 +385,15 @@ class PipelineConfig(StageConfig):
     chat_sft: ChatSFTConfig = ChatSFTConfig()
     chat_rl: ChatRLConfig = ChatRLConfig()
     chat_eval: ChatEvalConfig = ChatEvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_values(cls, data: Any) -> Any:
+        """A `preset` given as data selects that preset's values, the other given fields over them
+        (presets.from_parameters): a label without its values would lie about what runs."""
+        from nanochat_core.presets import from_parameters  # presets builds on this module
+
+        return from_parameters(data)
 
     def nproc(self, stage: str) -> int | None:
         """torchrun processes per node for `stage`: its own nproc_per_node, else devices_per_node, else

@@ -35,9 +35,26 @@ def describe_validation_error(err: ValidationError, flag_style: bool = True) -> 
     value = first.get("input")
     msg = first["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
+    if not loc:  # a check of the whole config (an unknown preset): its own sentence names the problem
+        return msg.removeprefix("value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown setting {'.'.join(loc)!s}; check its spelling against `nanochat <stage> --help`"
     return f"invalid value {value!r} for {field}: {msg}; pass a valid value or drop the flag"
+
+
+def store_problem(err: BaseException) -> str | None:
+    """One sentence for an object store that cannot be used at all (no credentials, endpoint unreachable),
+    which every stage on an s3:// base dir meets first; None for anything else."""
+    try:
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+    except ImportError:  # no S3 support installed: nothing of the kind can be raised
+        return None
+    if isinstance(err, NoCredentialsError):
+        return ("no credentials for the object store; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), or use a local NANOCHAT_BASE_DIR")
+    if isinstance(err, EndpointConnectionError):
+        return f"cannot reach the object store ({err}); check AWS_ENDPOINT_URL and the network"
+    return None
 
 
 def exit_on_user_error(fn: F) -> F:
@@ -52,6 +69,12 @@ def exit_on_user_error(fn: F) -> F:
             raise SystemExit(2) from None
         except ValidationError as e:
             print(f"error: {describe_validation_error(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as e:
+            sentence = store_problem(e)
+            if sentence is None:
+                raise
+            print(f"error: {sentence}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -146,7 +146,14 @@ def load_json(cls: type[StageConfig], path: str | Path) -> StageConfig:
         return cls.model_validate_json(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass the path the launcher wrote") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass the JSON file the launcher wrote") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; pass the JSON file the launcher wrote") from None
     except ValidationError as e:
+        if e.errors()[0]["type"] == "json_invalid":  # no field to name: the file itself does not parse
+            raise UserError(f"config file {path} is not valid JSON ({e.errors()[0]['msg']}); pass the file "
+                            "the launcher wrote (a PipelineConfig as JSON)") from None
         raise UserError(
             f"config file {path}: {describe_validation_error(e, flag_style=False)}"
         ) from None

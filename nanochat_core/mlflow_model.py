@@ -166,7 +166,13 @@ def resolve_model_uri(uri: str, dst: str | None = None) -> str:
     MLflow resolves the URI and downloads the version (to `dst`, else a fresh temp dir); the copy's meta
     then points at the copy's tokenizer."""
     dst = dst or tempfile.mkdtemp(prefix="nanochat-model-")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri())
+    with _fluent:
+        # A models:/ URI is resolved through the fluent registry URI, which download_artifacts'
+        # tracking_uri argument does not set: left unset, MLflow looked in (and created) ./mlflow.db in the
+        # current directory and found no model. The registry is where the pipeline registered: its store.
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.set_registry_uri(tracking_uri())
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri())
     checkpoint, tokenizer = os.path.join(local, "artifacts", "checkpoint"), os.path.join(local, "artifacts", "tokenizer")
     if not os.path.isdir(checkpoint):  # a version registered before models carried their files
         return local

@@ -13,10 +13,11 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from nanochat_core.config import BaseTrainConfig, PipelineConfig, PlanConfig
+from nanochat_core.config import SAMPLE_SOURCE, BaseTrainConfig, PipelineConfig, PlanConfig
 from nanochat_core.errors import UserError, exit_on_user_error
 from nanochat_core.flags import config_from_args, stage_parser
 from nanochat_core.hardware import get_device
+from nanochat_core.presets import GPU_PRESETS
 
 GIB = 1024**3
 # Share of a device's memory the plan lets a run fill; the rest is the allocator's and CUDA's.
@@ -184,7 +185,12 @@ def make_plan(train: BaseTrainConfig, vocab_size: int, num_shards: int, assume: 
 def plan_for(cfg: PipelineConfig) -> Plan:
     """The plan of `cfg` on the processes base_train will get (devices_per_node when its own is unset)."""
     train = cfg.base_train.model_copy(update={"nproc_per_node": cfg.nproc("base_train") or 1})
-    return make_plan(train, cfg.tok_train.vocab_size, cfg.download.num_shards, cfg.plan)
+    assume = cfg.plan
+    if cfg.download.url_template == SAMPLE_SOURCE:
+        # The sample corpus's shards hold corpus.shard_chars each, not a FineWeb shard's 250M: with the
+        # FineWeb figure tiny's 4 shards looked like "0.00 epochs" of its data.
+        assume = assume.model_copy(update={"chars_per_shard": cfg.corpus.shard_chars})
+    return make_plan(train, cfg.tok_train.vocab_size, cfg.download.num_shards, assume)
 
 
 def _human(n: float) -> str:
@@ -198,6 +204,9 @@ def checkpoint_line(p: Plan) -> str:
     if p.num_checkpoints == 1:
         return "at the end only: a crash loses the whole run (set --save-every-minutes)"
     minutes = p.est_hours * 60 * p.save_every / p.num_iterations
+    if p.save_every == 1 and p.num_iterations > 1:  # one step outlasts --save-every-minutes
+        return (f"after every step (each ~{minutes:.1f} min, longer than --save-every-minutes): "
+                f"{p.num_checkpoints:,} saves")
     return (f"every {p.save_every:,} steps (~{minutes:.1f} min) and at the end: {p.num_checkpoints} saves; "
             f"a crash loses at most ~{minutes:.0f} min of training")
 
@@ -242,6 +251,9 @@ def format_plan(p: Plan, preset: str) -> str:
         f"suggested --device-batch-size {p.suggested_device_batch_size or 'none fits: lower --max-seq-len or use a bigger device'}",
         f"  {figures_source()}",
     ]
+    if preset in GPU_PRESETS and p.gpu == "cpu":
+        lines.append(f"warning: preset {preset} is sized for GPUs: ~{p.est_hours:,.0f} h on {p.gpu}; its training stages "
+                     "refuse a node without CUDA (use --preset tiny or d4-cpu, or force --device-type cpu)")
     if p.epochs > 1:
         lines.append(
             f"warning: {p.num_shards} shards hold only {1 / p.epochs:.0%} of the {_human(p.total_tokens)} "

@@ -5,12 +5,18 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Annotated, Any, Callable
 
 from pydantic import BeforeValidator
 
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, TorchStageConfig
 from nanochat_core.errors import UserError
+
+
+# Set while a preset function validates what it derived: that data names the preset it is building, and
+# PipelineConfig's validator must not build the same preset again from it (endless recursion).
+_DERIVING = contextvars.ContextVar("deriving_preset", default=False)
 
 
 def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None, device_type: str | None = None,
@@ -27,7 +33,11 @@ def _derive(base: PipelineConfig, name: str, devices_per_node: int | None = None
                 data[section]["device_type"] = device_type
     for stage, fields in stages.items():
         data[stage].update(fields)
-    return PipelineConfig.model_validate(data)
+    token = _DERIVING.set(True)
+    try:
+        return PipelineConfig.model_validate(data)
+    finally:
+        _DERIVING.reset(token)
 
 
 def d20() -> PipelineConfig:
@@ -147,6 +157,11 @@ PRESETS: dict[str, Callable[[], PipelineConfig]] = {
 }
 
 
+# Presets sized for GPU nodes: on a CPU they would run for months (d20: 21,400 steps of ~24 min) before
+# anyone noticed, so the model-running stages refuse them there unless told --device-type cpu.
+GPU_PRESETS = ("d12", "d20", "d26", "d32")
+
+
 def get_preset(name: str) -> PipelineConfig:
     """The preset called `name`, or a UserError listing the valid names."""
     if name not in PRESETS:
@@ -157,8 +172,10 @@ def get_preset(name: str) -> PipelineConfig:
 def from_parameters(value: Any) -> Any:
     """A config given as data (a flow parameter in the UI, `--param cfg=...`, prefect.yaml) that names a
     preset is that preset with the given fields over it: `{"preset": "d12", "base_train": {"depth": 10}}`
-    is d12 at depth 10. Without a `preset` key the declared defaults apply, as for any pydantic model."""
-    if not isinstance(value, dict) or "preset" not in value:
+    is d12 at depth 10. Without a `preset` key the declared defaults apply, as for any pydantic model.
+    PipelineConfig's own validator calls this, so `PipelineConfig(preset="d12")` is d12, never d20's
+    values labelled d12; a full model_dump() overrides every field and round-trips unchanged."""
+    if not isinstance(value, dict) or "preset" not in value or _DERIVING.get():
         return value
     name = value["preset"]
     if name not in PRESETS:

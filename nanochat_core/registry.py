@@ -97,3 +97,13 @@ def family_dir(family: str) -> str:
 def eval_ref_name(family: str) -> str:
     """The name an evaluation of a family's model goes by in the refs and the report: base_eval, mid_eval ..."""
     return f"{family}_eval"
+
+
+def stage_named(word: str, purpose: str) -> str:
+    """The stage a user means by `word`: its name (chat_rl), its command (rl, base-train) or the name with
+    hyphens (base-train); anything else is a ValueError naming the valid stages. `purpose` ("skip",
+    "refresh") says in the message which flag got the word."""
+    for stage in STAGES.values():
+        if word in (stage.name, stage.command, stage.name.replace("_", "-")):
+            return stage.name
+    raise ValueError(f"--{purpose} {word!r}: no such stage; stages are {', '.join(STAGES)}")

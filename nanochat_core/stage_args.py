@@ -16,11 +16,13 @@ import argparse
 import json
 from typing import Any
 
-from nanochat_core import artifacts, storage
+from nanochat_core import artifacts, hardware, storage
 from nanochat_core.config import PipelineConfig
+from nanochat_core.errors import UserError
 from nanochat_core.flags import add_config_flags, config_from_args, stage_parser
 from nanochat_core.paths import join, output_dir
-from nanochat_core.registry import FAMILIES, STAGES
+from nanochat_core.presets import GPU_PRESETS
+from nanochat_core.registry import FAMILIES, STAGES, eval_ref_name
 
 # The stage whose output each named input is, when the command line names none.
 UPSTREAM = {"corpus": "corpus", "shards": "download", "tokenizer": "tok_train", "eval_bundle": "eval_bundle"}
@@ -46,7 +48,34 @@ def parse(stage: str, argv: list[str] | None, p: argparse.ArgumentParser | None 
     for key in given:
         delattr(ns, f"input:{key}")
     cfg = config_from_args(ns)
+    if artifacts.inputs() is None:  # run by hand; under the launcher the parent process checked already
+        preflight(stage, cfg)
     return cfg, resolve(stage, cfg, {k: v for k, v in given.items() if v})
+
+
+def refuse_gpu_preset_on_cpu(cfg: PipelineConfig, stages: list[str], command: str) -> None:
+    """A UserError when a GPU preset would run a model on a node without CUDA and `stages` do not say
+    --device-type cpu: the stages that only prepare data (download, tok_train, corpus) never ask."""
+    torch_stages = [s for s in stages if STAGES[s].devices == "node"]
+    if cfg.preset not in GPU_PRESETS or hardware.node_devices() > 0:
+        return
+    if all(getattr(getattr(cfg, s), "device_type", "cpu") == "cpu" for s in torch_stages):
+        return
+    raise UserError(f"preset {cfg.preset} is sized for GPUs and this node has no CUDA device; use --preset "
+                    f"tiny or d4-cpu, or force it with {command}")
+
+
+def preflight(stage: str, cfg: PipelineConfig) -> None:
+    """What a stage checks before any work: the preset fits the node, and its output location is
+    writable and not another stage's directory."""
+    refuse_gpu_preset_on_cpu(cfg, [stage], "--device-type cpu")
+    out = output_dir(stage, cfg, depth=cfg.base_train.depth, source=cfg.chat_eval.source)
+    storage.check_writable(out)
+    owner = ref_at(out).get("stage")
+    mine = {stage, eval_ref_name(cfg.chat_eval.source) if stage == "chat_eval" else stage}
+    if owner is not None and owner not in mine:
+        raise UserError(f"{out} holds the output of stage {owner} (its result.json); writing {stage} there "
+                        "would overwrite it: pass another --out")
 
 
 def resolve(stage: str, cfg: PipelineConfig, given: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:

@@ -67,6 +67,33 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+def check_writable(url: str) -> None:
+    """A UserError unless files can be written at `url`, checked before a stage spends any work (tok_train
+    once trained for minutes and then failed to save). Locally a probe file in the nearest existing
+    directory, so nothing is left behind (root passes os.access even where the kernel refuses, /proc);
+    on an object store a probe object written and removed, which also proves the credentials and endpoint."""
+    from nanochat_core.errors import UserError
+
+    try:
+        if is_local(url):
+            existing = os.path.abspath(local_path(url))
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise UserError(f"cannot write to {url}: {existing} is a file, not a directory; "
+                                "choose another location (NANOCHAT_BASE_DIR or --out)")
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=TEMP_MARK):
+                pass
+        else:
+            probe = url.rstrip("/") + f"/{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            fs, path = filesystem(probe)
+            fs.pipe_file(path, b"")
+            fs.rm_file(path)
+    except OSError as e:
+        raise UserError(f"cannot write to {url} ({e.strerror or e}); choose a location you can write "
+                        "(NANOCHAT_BASE_DIR or --out)") from None
+
+
 def listdir(url: str) -> list[str]:
     """Base names in a directory, sorted; empty if it does not exist."""
     fs, path = _fresh(url)

@@ -129,7 +129,7 @@ def test_local_source_checks_the_corpus_manifest(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         download_stage.main(["-n", "2", "--url-template", str(root)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "shard_00001.parquet failed after" in err and "does not match" in err
+    assert "shard_00001.parquet is not a usable shard at the source" in err and "does not match" in err
     assert not os.path.exists(os.path.join(data_dir(), shard_name(1)))
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from nanochat_core import storage
 from nanochat_core.config import FINEWEB_EDU_URL
-from nanochat_core.data.shards import shard_name, shard_rows
+from nanochat_core.data.shards import shard_name, shard_problem, shard_rows
 from nanochat_core.errors import UserError
 from nanochat_core.paths import join
 
@@ -41,10 +41,20 @@ T = TypeVar("T")
 class ShardInvalid(Exception):
     """A fetched file is not the shard the source holds (truncated, corrupt, wrong checksum)."""
 
+    def __init__(self, message: str, at_source: bool = True):
+        super().__init__(message)
+        # False when the bytes differ from what the source announced (a cut transfer): the network's fault.
+        # True when all the announced bytes arrived and they are bad: retrying fetches the same bad file.
+        self.at_source = at_source
+
 
 def resolve_template(source: str) -> str:
     """A URL template with `{index}`; a directory (no `{index}`) means its canonical shard names."""
     if "{index" not in source:
+        if source.endswith(".parquet") or source.startswith(("http://", "https://")):
+            # One file or a URL cannot be listed as a directory of shards: the user forgot {index}.
+            raise UserError(f"--url-template {source!r} has no {{index}}; write e.g. "
+                            ".../shard_{index:05d}.parquet, or name a directory of shard_NNNNN.parquet files")
         source = join(source, "shard_{index:05d}.parquet")
     if "://" not in source:
         source = os.path.abspath(os.path.expanduser(source))
@@ -131,16 +141,18 @@ def verify(path: str, sha256: str, md5: str, exp: Expected) -> int:
     """
     size = os.path.getsize(path)
     if exp.size is not None and size != exp.size:
-        raise ShardInvalid(f"got {size} bytes, the source has {exp.size}")
+        raise ShardInvalid(f"got {size} bytes, the source has {exp.size}", at_source=False)
     if exp.sha256 and sha256 != exp.sha256:
         raise ShardInvalid(f"sha256 {sha256} does not match the source's {exp.sha256}")
     if not exp.etag_matches(sha256, md5) and exp.etag_mismatch != sha256:
         exp.etag_mismatch = sha256
-        raise ShardInvalid(f"content digest does not match the source's ETag {exp.etag}")
-    try:
-        return shard_rows(path)
-    except UserError as e:
-        raise ShardInvalid(str(e)) from None
+        raise ShardInvalid(f"content digest does not match the source's ETag {exp.etag}", at_source=False)
+    # The file was just written here, so its row groups come from the page cache, not the network:
+    # decoding every one now is what lets tok_train and base_train trust an accepted shard.
+    problem = shard_problem(path)
+    if problem:
+        raise ShardInvalid(problem)
+    return shard_rows(path)
 
 
 def present_and_valid(dest: str, prior: dict | None, exp: Expected | None) -> dict | None:
@@ -223,6 +235,13 @@ def with_retries(what: str, fn: Callable[[], T], retries: int | None = None) -> 
         raise UserError(f"{what} is not readable ({e}); check credentials or anonymous access") from None
     except UserError:
         raise
+    except ShardInvalid as e:
+        if not e.at_source:
+            raise UserError(f"fetching {what} failed after {retries} attempts (last: {e}); rerun `nanochat "
+                            "download` later, shards already fetched are kept") from None
+        # All the bytes the source announced, bad every time: the fault is at the source.
+        raise UserError(f"{what} is not a usable shard at the source ({e}, in {retries} downloads); "
+                        "repair or replace the source file, or point --url-template at another copy") from None
     except Exception as e:  # the last transient failure, `retries` attempts in
         raise UserError(
             f"fetching {what} failed after {retries} attempts (last: {type(e).__name__}: {e}); "

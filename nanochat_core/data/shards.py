@@ -146,6 +146,33 @@ def shard_rows(url: str) -> int:
     return pf.metadata.num_rows
 
 
+def read_texts(pf: pq.ParquetFile, url: str, row_group: int) -> list:
+    """The `text` column of one row group; a row group that does not decode is a UserError naming it
+    (a corrupt middle passes the footer check and would otherwise end in pyarrow's OSError)."""
+    try:
+        return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise UserError(f"shard {url} row group {row_group} cannot be read ({e}); delete it and run "
+                        "`nanochat download` again") from None
+
+
+def shard_problem(path: str) -> str | None:
+    """What makes a local parquet file unusable as a shard (footer, `text` column, any row group that
+    does not decompress), or None. Every row group is read, so an accepted shard is one training can read."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        return f"no readable parquet footer ({e})"
+    if "text" not in pf.schema_arrow.names:
+        return "no `text` column"
+    for row_group in range(pf.metadata.num_row_groups):
+        try:
+            pf.read_row_group(row_group, columns=["text"])
+        except (pa.ArrowException, OSError, KeyError) as e:
+            return f"row group {row_group} does not decode ({e})"
+    return None
+
+
 @dataclass
 class Position:
     """Where a rank resumes: the next row group it reads (file, row group in that file) and the epoch."""
@@ -183,6 +210,8 @@ def iter_row_groups(
         if i not in opened:
             opened.clear()  # one open file at a time; footers are cheap to re-read
             opened[i] = open_parquet(files[i], read_cache=True)
+            if "text" not in opened[i].schema_arrow.names:
+                raise UserError(f"shard {files[i]} has no `text` column; it is not a pretraining shard")
         return opened[i]
 
     def locate(file_index: int, row_group: int) -> tuple[int, int] | None:
@@ -208,7 +237,7 @@ def iter_row_groups(
     start_epoch = epoch
     while True:
         file_index, row_group = here
-        texts = parquet(file_index).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+        texts = read_texts(parquet(file_index), files[file_index], row_group)
         nxt, nxt_epoch = locate(file_index, row_group + world), epoch
         if nxt is None:
             nxt, nxt_epoch = first, epoch + 1

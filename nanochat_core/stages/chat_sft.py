@@ -34,6 +34,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     sc = cfg.chat_sft
     src = inputs["model"]["path"]
     torch.manual_seed(sc.seed)
+    # The task files first: a bad --tasks is the user's to fix, and it should not wait for a model load.
+    mixture = build_mixture(sc.tasks, sc.seed, sc.words_path)
     model, tokenizer, start_meta = load_start("chat_sft", src, sc.step, rt.device)
     out = output_dir("chat_sft", cfg, depth=model.config.n_layer)
     ctx = StageRun("chat_sft", "sft", out, rt, hardware.autocast(sc.dtype, rt.device), sc)
@@ -43,7 +45,6 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         raise UserError(f"--examples-per-step {sc.examples_per_step} is not a multiple of device_batch_size × "
                         f"processes = {B * rt.world}; pick sizes that divide")
     accum = sc.examples_per_step // (B * rt.world)
-    mixture = build_mixture(sc.tasks, sc.seed, sc.words_path)
     train_idx, val_idx = split_val(mixture, sc.val_examples)
     if len(train_idx) < sc.examples_per_step:
         raise UserError(f"the mixture has {len(train_idx)} training conversations, fewer than one step's "

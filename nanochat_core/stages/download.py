@@ -42,6 +42,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict], progress: bool = True) -> 
     dl = cfg.download
     template = source_template(cfg, inputs)
     val_index = dl.val_index if dl.val_index is not None else find_val_index(template)
+    if val_index == 0:
+        raise UserError(f"the source {template} holds only shard 0, which would be the val shard; a download "
+                        "needs training shards too: check --url-template or pass --val-index")
     if dl.num_shards > val_index:
         raise UserError(
             f"--num-shards {dl.num_shards} reaches the val shard (index {val_index}); "

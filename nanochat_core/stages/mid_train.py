@@ -49,6 +49,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     mc = cfg.mid_train
     src = inputs["model"]["path"]
     torch.manual_seed(mc.seed)
+    # The task files first: a bad --tasks is the user's to fix, and it should not wait for a model load.
+    mixture = build_mixture(mc.tasks, mc.seed, mc.words_path)
     model, tokenizer, start_meta = load_start("mid_train", src, mc.step, rt.device)
     out = output_dir("mid_train", cfg, depth=model.config.n_layer)
     ctx = StageRun("mid_train", "mid-train", out, rt, hardware.autocast(mc.dtype, rt.device), mc)
@@ -63,7 +65,6 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
                         f"× processes = {tokens_per_micro}; pick sizes that divide")
     accum = mc.total_batch_size // tokens_per_micro
 
-    mixture = build_mixture(mc.tasks, mc.seed, mc.words_path)
     train_idx, val_idx = split_val(mixture, mc.val_examples)
     rows = packed_rows(tokenizer, mixture, train_idx[rt.rank::rt.world], T).to(rt.device)
     val_rows = packed_rows(tokenizer, mixture, val_idx[rt.rank::rt.world], T).to(rt.device)

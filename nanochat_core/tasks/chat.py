@@ -78,6 +78,11 @@ class CustomJSON(Task):
                 messages = messages_of(record)
             except ConversationError as e:
                 raise UserError(f"{source} line {n}: {e}") from None
+            if len(messages) < 2:
+                # Training learns from assistant tokens only: a file of user turns trains at loss 0 and
+                # writes a checkpoint that learned nothing, so say so at the first such line.
+                raise UserError(f"{source} line {n}: the conversation has no assistant turn, so there is nothing "
+                                "to learn from; add the assistant's reply")
             self.convs.append({"messages": messages})
         if not self.convs:
             raise UserError(f"{source} holds no conversations; add lines like {{\"messages\": [...]}}")

@@ -57,6 +57,8 @@ def word_list(path: str | None = None) -> tuple[str, ...]:
             text = read_text(path)
         except FileNotFoundError:
             raise UserError(f"word list {path} does not exist; pass a file with one word per line") from None
+        except IsADirectoryError:
+            raise UserError(f"word list {path} is a directory; pass a file with one word per line") from None
     else:
         found = [data for _, data in members(fetch(Package("deb", WORDS_PACKAGE)), [WORDS_MEMBER])]
         if not found:
@@ -92,6 +94,8 @@ def parquet_rows(url: str, columns: list[str] | None = None) -> list[dict]:
             raise UserError(f"task data {url} was not found or the network is unreachable; check network access, "
                             "or pass a local copy as a task spec name@/path/file.parquet") from None
         raise UserError(f"task data {url} does not exist; check the path or URL") from None
+    except IsADirectoryError:
+        raise UserError(f"task data {url} is a directory; pass the parquet file itself") from None
     except Exception as e:  # pyarrow raises ArrowInvalid for non-parquet bytes, KeyError-likes for columns
         if type(e).__name__ in ("ArrowInvalid", "ArrowKeyError", "KeyError"):
             raise UserError(f"task data {url} is not a parquet file with columns {columns} ({e}); fix the file") from None
@@ -108,6 +112,8 @@ def jsonl_records(url: str) -> list[tuple[int, object]]:
         text = read_text(url)
     except FileNotFoundError:
         raise UserError(f"{url} does not exist; pass the path of a JSONL file") from None
+    except IsADirectoryError:
+        raise UserError(f"{url} is a directory; pass the path of a JSONL file in it") from None
     except UnicodeDecodeError:
         raise UserError(f"{url} is not UTF-8 text; save it as UTF-8 JSONL") from None
     records = []

@@ -93,12 +93,12 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
     say = dist.Console(rt.master)
     src = inputs["model"]["path"]
     torch.manual_seed(rc.seed)
+    mixture = build_mixture(rc.tasks, rc.seed)  # before the model: a bad task spec costs no model load
     model, tokenizer, start_meta = load_start("chat_rl", src, rc.step, rt.device)
     out = output_dir("chat_rl", cfg, depth=model.config.n_layer)
     if rc.examples_per_step % rt.world:
         raise UserError(f"--examples-per-step {rc.examples_per_step} does not split over {rt.world} processes; "
                         "pick a multiple of the process count")
-    mixture = build_mixture(rc.tasks, rc.seed)
     per_rank = rc.examples_per_step // rt.world
     N = rc.num_iterations if rc.num_iterations > 0 else len(mixture) // rc.examples_per_step
     if N < 1:

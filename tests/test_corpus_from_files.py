@@ -130,3 +130,18 @@ def test_mixed_folder_on_s3(tmp_path, moto_port, monkeypatch):
     rebuilt = build_from_files(["s3://mine/zh/"], "content", SHARD_CHARS, out)
     assert not rebuilt["cached"] and rebuilt["key"] != manifest["key"]
     assert "changed" in [d for s in shard_docs(out) for d in s]
+
+
+def test_flow_cache_key_covers_the_listing_not_the_content(tmp_path):
+    from flows.tasks import settings
+    from nanochat_core.presets import tiny
+
+    make_folder(tmp_path / "in")
+    cfg = tiny()
+    assert "source_files" not in settings(cfg, "corpus")
+    cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"sources": [str(tmp_path / "in")]})})
+    first = settings(cfg, "corpus")
+    assert [f[0].rsplit("/", 1)[-1] for f in first["source_files"]][:2] == ["a.txt", "c.jsonl"]
+    assert settings(cfg, "corpus") == first
+    (tmp_path / "in" / "new.txt").write_text("a new file")
+    assert settings(cfg, "corpus") != first

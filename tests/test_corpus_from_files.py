@@ -145,3 +145,15 @@ def test_flow_cache_key_covers_the_listing_not_the_content(tmp_path):
     assert settings(cfg, "corpus") == first
     (tmp_path / "in" / "new.txt").write_text("a new file")
     assert settings(cfg, "corpus") != first
+
+
+def test_a_truncated_archive_keeps_what_came_before_and_says_so(tmp_path):
+    (tmp_path / "in").mkdir()
+    lines = "".join(json.dumps({"text": f"文档 {i} " + "内容" * 50}, ensure_ascii=False) + "\n" for i in range(400))
+    whole = gzip.compress(lines.encode())
+    (tmp_path / "in" / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "in" / "ok.txt").write_text("第一篇。\n\n" * 3)
+    manifest = build_from_files([str(tmp_path / "in")], "text", SHARD_CHARS, str(tmp_path / "out"))
+    cut = next(e for e in manifest["files"] + manifest["skipped_files"] if e["file"].endswith("cut.jsonl.gz"))
+    assert "unreadable after" in cut.get("error", cut.get("reason", "")) and len(cut.get("sha256", "x" * 64)) == 64
+    assert manifest["total_docs"] >= 2

@@ -193,16 +193,20 @@ def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: s
             if reason := user_files.skip_reason(f):
                 skipped.append({"file": f.url, "bytes": f.size, "reason": reason})
                 continue
-            stats = user_files.FileStats()
+            stats, error = user_files.FileStats(), None
             try:
                 yield from user_files.read_documents(f, text_field, stats)
             except user_files.Skip as e:
                 skipped.append({"file": f.url, "bytes": f.size, "reason": e.reason})
                 continue
+            except user_files.UNREADABLE as e:  # a truncated or corrupt archive: what came before it stays
+                error = f"unreadable after {stats.docs} documents ({type(e).__name__}: {e})"
             entry = {"file": f.url, "bytes": f.size, "version": f.version, "sha256": stats.sha256,
                      "docs": stats.docs, "chars": stats.chars, "dropped_lines": stats.dropped}
+            if error:
+                entry["error"] = error
             if stats.docs == 0:
-                skipped.append({**entry, "reason": "no documents" + (f" ({stats.dropped})" if stats.dropped else "")})
+                skipped.append({**entry, "reason": error or "no documents" + (f" ({stats.dropped})" if stats.dropped else "")})
             else:
                 read.append(entry)
 

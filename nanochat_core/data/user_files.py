@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
@@ -37,6 +38,8 @@ COMPRESSED = (".gz", ".zst")
 TEXT_BUFFER_CHARS = 64 * 1024
 # NUL bytes in the first 8 KiB mark a binary file, the test git and grep use.
 SNIFF_BYTES = 8192
+# What a truncated or corrupt .gz / .zst / .parquet raises while it is read.
+UNREADABLE = (OSError, EOFError, pa.ArrowInvalid, zlib.error)
 
 
 @dataclass
@@ -180,7 +183,7 @@ def read_documents(source: SourceFile, text_field: str, stats: FileStats) -> Ite
         finally:
             while hashed.read(1 << 20):  # the digest covers the whole file even when reading stopped early
                 pass
-        stats.sha256 = hashed.h.hexdigest()
+            stats.sha256 = hashed.h.hexdigest()
 
 
 def _lines(stream: IO[bytes], stats: FileStats) -> Iterator[str]:

@@ -145,7 +145,7 @@ def skip_reason(source: SourceFile) -> str | None:
     """Why the file cannot be read as documents (from its name, size and first bytes), or None."""
     kind, compression = _format(source.url)
     if kind is None:
-        return f"unsupported type (not .txt, .md, .jsonl, .json or .parquet{', .gz, .zst' if not compression else ''})"
+        return "unsupported type (read are .txt, .md, .jsonl, .json and .parquet, also as .gz or .zst)"
     if source.size == 0:
         return "empty file"
     if kind == "parquet" or compression:

@@ -8,7 +8,7 @@
                          └──────────────┴─> base_train ─┬─> base_eval <── eval_bundle
                                                         └─> mid_train ─> chat_sft ─> chat_rl
                                          chat_eval[mid], chat_eval[sft], chat_eval[rl] ─> report
-    (* only when the shards come from the sample corpus; report gathers every stage's ref)
+    (* when the shards come from the sample corpus or your files, corpus.sources; report gathers every stage's ref)
 """
 
 from __future__ import annotations
@@ -62,19 +62,25 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         logger.info(f"stage results and cache records: result storage block {block} (under the base dir)")
     logger.info(f"torch stages take turns on this node's devices (concurrency limit 1 on tag {devices})")
 
-    def submit(stage: str, inputs: dict, c: PipelineConfig = cfg, name: str | None = None, retries: int = 0,
+    def submit(stage: str, inputs: dict, c: PipelineConfig | None = None, name: str | None = None, retries: int = 0,
                after: list | None = None):
-        """Submit `stage` (None if skipped); inputs that were skipped are left out of its inputs."""
+        """Submit `stage` (None if skipped) with `c`, else the run's config as it stands (the user's files'
+        corpus sets download's shards); inputs that were skipped are left out of its inputs."""
         if stage in skip:
             return None
+        c = c or cfg
         t = stage_task(stage, retries).with_options(task_run_name=name or stage, refresh_cache=stage in refresh)
         return t.submit(stage, settings(c, stage), {k: v for k, v in inputs.items() if v is not None}, c, parent,
                         wait_for=after)
 
     refs: dict[str, Any] = {}
     try:
-        # The sample corpus (embedded default) is built first; download then reads it like any source.
-        corpus = submit("corpus", {}) if cfg.download.url_template == SAMPLE_SOURCE else None
+        # The sample corpus (embedded default) or the user's files (cfg.corpus.sources) are built first;
+        # download then reads the corpus like any source, all of its shards when they are the user's.
+        corpus = submit("corpus", {}) if cfg.download.url_template == SAMPLE_SOURCE or cfg.corpus.sources else None
+        if cfg.corpus.sources and corpus is not None:
+            cfg = _with(_with(cfg, "download", url_template=SAMPLE_SOURCE, num_shards=corpus.result()["num_shards"] - 1),
+                        "plan", chars_per_shard=float(cfg.corpus.shard_chars))
         # Shards the tokenizer trains on come first; the rest keep downloading while it trains
         # (speedrun.sh's `&`): d20 trains on ceil(2e9 / 250e6) = 8 of its 240 shards.
         shard_chars = cfg.corpus.shard_chars if corpus else cfg.plan.chars_per_shard

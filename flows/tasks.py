@@ -33,6 +33,7 @@ from flows.cache import StageCache
 from nanochat_core import hardware, mlflow_model, tracking
 from nanochat_core.artifacts import digest_of
 from nanochat_core.config import PipelineConfig, flatten
+from nanochat_core.data.user_files import list_files, listing_key
 from nanochat_core.launch import StageStopped, run_stage
 from nanochat_core.paths import base_dir, join
 from nanochat_core.registry import STAGES
@@ -73,7 +74,12 @@ def claim_result_storage() -> str | None:
 
 def settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The config fields `stage` reads (its record's `reads`): they, and nothing else, enter its cache key."""
-    return {name: cfg.model_dump(mode="json", include={name})[name] for name in STAGES[stage].reads}
+    fields = {name: cfg.model_dump(mode="json", include={name})[name] for name in STAGES[stage].reads}
+    if stage == "corpus" and cfg.corpus.sources:
+        # The files' listing (path, size, ETag or mtime; nothing read), so new or changed files re-run the
+        # corpus and, through its ref's digest, every stage after it.
+        fields["source_files"] = listing_key(list_files(cfg.corpus.sources))
+    return fields
 
 
 def device_tag() -> str:

@@ -81,7 +81,7 @@ class CheckpointedConfig(TrainingConfig):
 
 
 class CorpusConfig(StageConfig):
-    """`nanochat corpus build`: the sample pretraining corpus from packaged text."""
+    """`nanochat corpus build`: the pretraining corpus from packaged text, or from your own files (--from)."""
 
     tiers: list[Literal["lit", "docs", "ref"]] = Field(
         ["lit", "docs"],
@@ -89,6 +89,12 @@ class CorpusConfig(StageConfig):
         "(permissive documentation), ref (GPL/GFDL dictionaries and docs)",
     )
     shard_chars: int = Field(2_000_000, ge=10_000, description="characters per sample shard")
+    sources: list[str] = Field(
+        [], description="your own files instead of the packaged tiers, once per --from: a path, glob, directory "
+        "or fsspec URL (s3://, explicit https:// files) of .txt/.md/.jsonl/.json/.parquet, also .gz/.zst",
+        json_schema_extra={"flag": "from", "repeat": True},
+    )
+    text_field: str = Field("text", description="the JSON field or parquet column holding the text (--from files)")
     out: str | None = Field(
         None, description="output directory or fsspec URL (unset: <base>/sample_corpus)"
     )

@@ -83,10 +83,14 @@ def add_config_flags(parser: argparse.ArgumentParser, stage: str, only: list[str
         if kind is None or (only is not None and name not in only):
             continue
         help_text = f"{field.description} (default: {field.default})"
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("repeat"):  # a list given once per flag (`--from A --from B`): items may hold commas
+            kind = {"action": "append", "type": str}
+        names = dict.fromkeys("--" + str(n).replace("_", "-") for n in (extra.get("flag", name), name))
         group.add_argument(
-            "--" + name.replace("_", "-"),
+            *names,
             dest=f"{stage}.{name}",
-            metavar=name.upper() if "type" in kind else None,
+            metavar=str(extra.get("flag", name)).upper() if "type" in kind else None,
             default=argparse.SUPPRESS,
             help=help_text.replace("%", "%%"),
             **kind,

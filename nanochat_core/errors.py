@@ -26,6 +26,19 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def group_by_reason(reasons: dict[str, str]) -> dict[str, list[str]]:
+    """{reason: [names]} from {name: reason}, in first-seen order."""
+    grouped: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        grouped.setdefault(reason, []).append(name)
+    return grouped
+
+
+def with_reasons(reasons: dict[str, str]) -> str:
+    """`a, b (why); c (other why)`: what a run went without and why, names sharing a reason together."""
+    return "; ".join(f"{', '.join(names)} ({reason})" for reason, names in group_by_reason(reasons).items())
+
+
 def describe_validation_error(err: ValidationError, flag_style: bool = True) -> str:
     """One sentence for the first problem in a pydantic ValidationError, naming the field as a flag."""
     first = err.errors()[0]

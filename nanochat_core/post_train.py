@@ -31,7 +31,7 @@ from nanochat_core.checkpoint import (
 )
 from nanochat_core.config import PipelineConfig, PostTrainConfig
 from nanochat_core.data.packages import PackageUnavailable
-from nanochat_core.errors import UserError, warn
+from nanochat_core.errors import UserError, warn, with_reasons
 from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.paths import join
 from nanochat_core.plan import save_interval, step_seconds
@@ -164,7 +164,7 @@ def build_mixture(specs: list[str], seed: int, words_path: str | None = None):
 
 def dropped_tasks(mixture) -> str | None:
     """The tasks a mixture lost and why, for the stage's ref (and so the report card); None if none."""
-    return "; ".join(f"{spec} ({reason})" for spec, reason in mixture.dropped.items()) or None
+    return with_reasons(mixture.dropped) or None
 
 
 def split_val(mixture, val_examples: int):

@@ -80,6 +80,18 @@ def _cached_manifest(out: str, key: str) -> dict | None:
     return manifest
 
 
+def _shard_entries(urls: list[str]) -> list[dict]:
+    """The manifest's record of each shard written: its index, file name, rows, bytes and digest."""
+    return [{"index": i, "file": shards.shard_name(i), "rows": shards.shard_rows(url), "bytes": storage.size(url),
+             "sha256": storage.sha256(url)} for i, url in enumerate(urls)]
+
+
+def _publish(out: str, manifest: dict, start: float) -> dict:
+    """Write the manifest last (a build without one is unfinished) and return it with the build's figures."""
+    storage.write_text(join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    return {**manifest, "cached": False, "build_seconds": round(time.perf_counter() - start, 2)}
+
+
 def _drop_shards_from(out: str, count: int) -> None:
     """Remove shards numbered `count` and up: those of an earlier, larger build would pose as val."""
     for name in storage.listdir(out):
@@ -157,19 +169,9 @@ def build_corpus(
             for s, source_docs, archive in loaded
         ],
         "skipped": skipped,
-        "shards": [
-            {
-                "index": i,
-                "file": shards.shard_name(i),
-                "rows": shards.shard_rows(url),
-                "bytes": storage.size(url),
-                "sha256": storage.sha256(url),
-            }
-            for i, url in enumerate(urls)
-        ],
+        "shards": _shard_entries(urls),
     }
-    storage.write_text(join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
-    return {**manifest, "cached": False, "build_seconds": round(time.perf_counter() - start, 2)}
+    return _publish(out, manifest, start)
 
 
 def files_key(files: list, text_field: str, shard_chars: int) -> str:
@@ -236,15 +238,9 @@ def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: s
         "sources": [],
         "skipped": {},
         "skipped_files": skipped,
-        "shards": [
-            {"index": i, "file": shards.shard_name(i), "rows": shards.shard_rows(url), "bytes": storage.size(url),
-             "sha256": storage.sha256(url)}
-            for i, url in enumerate(urls)
-        ],
+        "shards": _shard_entries(urls),
     }
-    storage.write_text(join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
-    return {**manifest, "cached": False, "build_seconds": round(time.perf_counter() - start, 2)}
-
+    return _publish(out, manifest, start)
 
 
 def _split_in_two(url: str, out: str) -> list[str]:

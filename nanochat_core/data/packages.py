@@ -81,7 +81,7 @@ def _cached(pkg: Package, directory: Path) -> Path | None:
         hits = sorted(directory.glob(f"{pkg.name}_*.deb"))
     else:
         # Archive names spell the project name as uploaded or normalized (`-` -> `_`); wheels always normalize.
-        names = {re.sub(r"[-_.]+", "_", pkg.name)} | ({pkg.name} if pkg.kind == "sdist" else set())
+        names = {file_stem(pkg.name)} | ({pkg.name} if pkg.kind == "sdist" else set())
         sep, suffix = ("-", ".whl") if pkg.kind == "wheel" else (".", "")
         prefixes = tuple(f"{n}-{pkg.version}{sep}".lower() for n in names)
         hits = sorted(p for p in directory.iterdir() if p.name.lower().startswith(prefixes) and p.name.endswith(suffix))
@@ -170,6 +170,11 @@ def _simple_page(url: str) -> tuple[int, str]:
         raise _NoAnswer(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__) from None
 
 
+def file_stem(name: str) -> str:
+    """A project name as archive file names spell it when normalized (`-` and `.` -> `_`)."""
+    return re.sub(r"[-_.]+", "_", name)
+
+
 def normalized_name(name: str) -> str:
     """PEP 503's normalized project name (what the simple index's URLs use)."""
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -177,11 +182,11 @@ def normalized_name(name: str) -> str:
 
 def served_versions(name: str, page: str) -> set[str]:
     """The versions a PEP 503 HTML page offers files for (sdists and wheels)."""
-    stem = re.sub(r"[-_.]+", "_", name).lower()
+    stem = file_stem(name).lower()
     versions = set()
     for filename in re.findall(r">\s*([^<>]+?)\s*</a>", page):
         base = re.sub(r"\.(tar\.gz|tar\.bz2|zip|whl|tgz)$", "", filename.strip())
-        head = re.sub(r"[-_.]+", "_", base[: len(name)]).lower()
+        head = file_stem(base[: len(name)]).lower()
         if head == stem and base[len(name): len(name) + 1] == "-":
             versions.add(base[len(name) + 1:].split("-")[0])
     return versions

@@ -223,20 +223,6 @@ def load_examples(bundle: str, task: TaskSpec) -> list[dict]:
     return rows
 
 
-def group_by_reason(missing_reasons: dict[str, str]) -> dict[str, list[str]]:
-    """{reason: [labels]} from {label: reason}, in first-seen order."""
-    grouped: dict[str, list[str]] = {}
-    for label, reason in missing_reasons.items():
-        grouped.setdefault(reason, []).append(label)
-    return grouped
-
-
-def describe_missing(missing: list[str], missing_reasons: dict[str, str]) -> str:
-    """`a, b (reason); c (other reason)`: what is missing and why, for a console or report line."""
-    reasons = {label: missing_reasons.get(label, "no reason recorded") for label in missing}
-    return "; ".join(f"{', '.join(labels)} ({reason})" for reason, labels in group_by_reason(reasons).items())
-
-
 def read_manifest(bundle: str) -> dict:
     url = join(bundle, "manifest.json")
     return json.loads(storage.read_text(url)) if storage.exists(url) else {}

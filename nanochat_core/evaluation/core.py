@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat_core.evaluation.bundle import CORE_LABELS, TaskSpec, describe_missing, load_examples, load_tasks, read_manifest
+from nanochat_core.errors import with_reasons
+from nanochat_core.evaluation.bundle import CORE_LABELS, TaskSpec, load_examples, load_tasks, read_manifest
 
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
@@ -255,7 +256,9 @@ def core_coverage(result: dict) -> str:
     line = f"over {len(result['tasks'])} of {len(CORE_LABELS)} tasks"
     missing = result.get("missing_tasks") or []
     if missing:
-        line += f"; missing: {describe_missing(missing, result.get('missing_reasons') or {})}; not comparable to published CORE"
+        reasons = result.get("missing_reasons") or {}
+        named = with_reasons({label: reasons.get(label, "no reason recorded") for label in missing})
+        line += f"; missing: {named}; not comparable to published CORE"
     return line
 
 

@@ -26,7 +26,7 @@ from nanochat_core.chat_format import render_for_completion
 from nanochat_core.config import PipelineConfig
 from nanochat_core.data.packages import PackageUnavailable
 from nanochat_core.engine import Engine
-from nanochat_core.errors import exit_on_user_error
+from nanochat_core.errors import exit_on_user_error, with_reasons
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import load_start
 from nanochat_core.registry import eval_ref_name
@@ -134,7 +134,7 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
             f"in {seconds[name]:.0f}s")
     score = chatcore(accuracies) if accuracies else None
     coverage = f"over {len(accuracies)} of {len(ec.tasks)} tasks" + (
-        f"; missing: {'; '.join(f'{name} ({reason})' for name, reason in missing.items())}" if missing else "")
+        f"; missing: {with_reasons(missing)}" if missing else "")
     say(f"chat-eval {ec.source}: ChatCORE {score:.4f} {coverage}" if score is not None else
         f"chat-eval {ec.source}: no ChatCORE, {coverage}")
     figures = {"source": ec.source, "checkpoint": src, "step": meta["step"], **accuracies, "ChatCORE": score,

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from nanochat_core import artifacts, storage
 from nanochat_core.config import PipelineConfig
-from nanochat_core.errors import UserError, exit_on_user_error
+from nanochat_core.errors import UserError, exit_on_user_error, group_by_reason
 from nanochat_core.evaluation.bundle import (
     CORE_LABELS,
     download_bundle,
-    group_by_reason,
     load_examples,
     load_tasks,
     read_manifest,

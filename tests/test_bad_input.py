@@ -258,8 +258,7 @@ def test_chat_finds_a_registered_model_from_any_directory(tmp_path):
     from nanochat_core import mlflow_model, tracking
 
     base = os.environ["NANOCHAT_BASE_DIR"]  # MLflow's store is <base>/mlflow.db, as the pipeline logs it
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    env = dict(os.environ)  # before MLflow exports its tracking URI below
     run_id = tracking.start_pipeline_run("bad-input", {}, {})
     mlflow_model.register_checkpoint(run_id, make_tiny_checkpoint(base, family="chatsft_checkpoints"), 0, "sft")
     elsewhere = tmp_path / "elsewhere"

@@ -46,10 +46,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     loss2 = [r["train/loss"] for r in results[2] if "train/loss" in r]
     bpb1 = [r["val/bpb"] for r in results[1] if "val/bpb" in r]
     bpb2 = [r["val/bpb"] for r in results[2] if "val/bpb" in r]
-    # Identical initialisation: the first loss agrees to rounding. After that the two runs see the
-    # same documents in a different order (and the one-row-group val shard is split differently),
-    # so the curves agree within a tolerance.
-    assert loss1[0] == pytest.approx(loss2[0], rel=1e-4)
+    # Identical initialisation, but the runs see the same documents in a different order (and the
+    # one-row-group val shard is split differently): at init the loss is near ln(vocab) on any batch, so the
+    # first step agrees to 1e-3 (CI measured them 1.2e-4 apart), and the curves within a tolerance.
+    assert loss1[0] == pytest.approx(loss2[0], rel=1e-3)
     assert bpb1[0] == pytest.approx(bpb2[0], rel=0.05)
     for a, b in zip(loss1, loss2):
         assert a == pytest.approx(b, rel=0.05)

@@ -91,6 +91,15 @@ def test_an_archive_put_into_the_cache_by_hand_is_taken_and_a_hiccup_keeps_the_b
     assert by_hand["num_tasks"] == 20
 
 
+def test_a_manifest_cut_short_is_rebuilt_with_one_warning(index, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    first, _ = build(out, capsys)
+    (out / "manifest.json").write_text('{"builder_version": 2, "sou')  # a write cut short
+    again, printed = build(out, capsys)
+    assert "manifest.json is not valid JSON (a write cut short?)" in printed and "Traceback" not in printed
+    assert again["digest"] == first["digest"] and json.loads((out / "manifest.json").read_text())["present"]
+
+
 @pytest.mark.parametrize("fault", ["503", "closed port"])
 def test_no_answer_from_the_index_fails_the_stage_in_one_sentence(index, tmp_path, capsys, fault):
     if fault == "503":

@@ -136,3 +136,19 @@ def test_a_corrupt_archive_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a tarball")
     with pytest.raises(UserError, match="is not a readable package archive .*; delete it"):
         list(members(bad, ["*"]))
+
+
+
+def test_pip_s_default_index_is_found_with_the_venv_activated():
+    """A uv venv has no pip, and with it activated `python3` is the venv's (the speedrun failed so): pip's
+    default index is still read from whichever pip (or uv) the machine has, never spelled in our code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    probe = "from nanochat_core.data.packages import index_url; print(index_url())"
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert re.fullmatch(r"https?://\S+/simple/?", found.stdout.strip())

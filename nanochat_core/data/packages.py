@@ -205,11 +205,19 @@ def _configured_index() -> str:
     configured = subprocess.run([*pip, "config", "get", "global.index-url"], capture_output=True, text=True)
     if configured.returncode == 0 and configured.stdout.strip():
         return configured.stdout.strip()
-    # pip's built-in default, read from pip itself (whichever interpreter has it) rather than spelled here.
-    ask = "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"
-    for python in (sys.executable, shutil.which("python3")):
-        if python and (found := subprocess.run([python, "-c", ask], capture_output=True, text=True)).returncode == 0:
-            return found.stdout.strip()
+    # pip's built-in default, read from that same pip rather than spelled here. pip is pure Python, so a pip
+    # on PATH (a uv venv has none of its own, and python3 may be the venv's) is read through PYTHONPATH.
+    ask = [sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"]
+    env = dict(os.environ)
+    if pip[0] == "uv":
+        ask = ["uv", "run", "--no-project", "--with", "pip", "python", *ask[1:]]
+    elif pip[0] != sys.executable:  # "pip X from <site-packages>/pip (python 3.11)"
+        version = subprocess.run([*pip, "--version"], capture_output=True, text=True).stdout
+        if " from " in version:
+            env["PYTHONPATH"] = os.path.dirname(version.split(" from ", 1)[1].split(" (", 1)[0])
+    found = subprocess.run(ask, capture_output=True, text=True, env=env)
+    if found.returncode == 0 and found.stdout.strip():
+        return found.stdout.strip()
     raise UserError("cannot tell which package index pip uses; set PIP_INDEX_URL to its simple index URL")
 
 

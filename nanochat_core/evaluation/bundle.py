@@ -26,7 +26,7 @@ from fsspec.core import url_to_fs
 
 from nanochat_core import storage
 from nanochat_core.data.packages import cache_root
-from nanochat_core.errors import UserError
+from nanochat_core.errors import UserError, warn
 from nanochat_core.paths import join
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -224,8 +224,17 @@ def load_examples(bundle: str, task: TaskSpec) -> list[dict]:
 
 
 def read_manifest(bundle: str) -> dict:
+    """The bundle's manifest; {} when there is none or it is not JSON (a write cut short): the bundle then
+    counts as unbuilt, and eval_bundle builds it again rather than failing on it."""
     url = join(bundle, "manifest.json")
-    return json.loads(storage.read_text(url)) if storage.exists(url) else {}
+    if not storage.exists(url):
+        return {}
+    try:
+        return json.loads(storage.read_text(url))
+    except ValueError:
+        warn(f"{url} is not valid JSON (a write cut short?); the bundle counts as unbuilt: "
+             "`nanochat eval-bundle` builds it again")
+        return {}
 
 
 def write_manifest(bundle: str, manifest: dict) -> None:

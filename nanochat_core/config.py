@@ -31,6 +31,11 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def merged(cls, current: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """`current` (a preset's or a file's section) with the fields a user gave (flags, a flow parameter)."""
+        return {**current, **given}
+
 
 class TorchStageConfig(StageConfig):
     """What every torch stage (a torchrun job) has: where it runs, in what dtype, on how many processes."""
@@ -86,7 +91,7 @@ class CorpusConfig(StageConfig):
     tiers: list[Literal["lit", "docs", "ref"]] = Field(
         ["lit", "docs"],
         description="source tiers, comma-separated: lit (public-domain literature), docs "
-        "(permissive documentation), ref (GPL/GFDL dictionaries and docs)",
+        "(permissive documentation), ref (GPL/GFDL dictionaries and docs); with --from, added to your files",
     )
     shard_chars: int = Field(2_000_000, ge=10_000, description="characters per sample shard")
     sources: list[str] = Field(
@@ -95,6 +100,19 @@ class CorpusConfig(StageConfig):
         json_schema_extra={"flag": "from", "repeat": True},
     )
     text_field: str = Field("text", description="the JSON field or parquet column holding the text (--from files)")
+
+    @classmethod
+    def merged(cls, current: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        return super().merged(current, cls._files_replace_tiers(given))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_replace_tiers(cls, given: Any) -> Any:
+        """Your files replace the packaged tiers (the preset's or the default), unless tiers are given
+        beside them: then the corpus holds both."""
+        if isinstance(given, dict) and given.get("sources") and "tiers" not in given:
+            return {**given, "tiers": []}
+        return given
     out: str | None = Field(
         None, description="output directory or fsspec URL (unset: <base>/sample_corpus)"
     )

@@ -139,7 +139,7 @@ def config_from_args(ns: argparse.Namespace, root: type[BaseModel] = PipelineCon
 def override(cfg: StageConfig, values: dict[str, Any]) -> StageConfig:
     """A copy of `cfg` with `values` applied and validated; errors name the flag and the fix."""
     try:
-        return type(cfg).model_validate({**cfg.model_dump(), **values})
+        return type(cfg).model_validate(type(cfg).merged(cfg.model_dump(), values))
     except ValidationError as e:
         raise UserError(describe_validation_error(e)) from None
 

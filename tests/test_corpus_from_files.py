@@ -104,6 +104,30 @@ def test_cli_globs_and_small_input_make_train_and_val(tmp_path, capsys):
                                            "zstd 文档", "parquet 一", "parquet 二"]
 
 
+def test_tiers_given_beside_from_add_the_packaged_text(tmp_path, capsys):
+    """`--from` alone replaces the preset's tiers; `--tiers` beside it keeps both, the sample's text first."""
+    from nanochat_core.data.sources import sources_for
+
+    make_folder(tmp_path / "in")
+    out = tmp_path / "corpus"
+    argv = ["--preset", "tiny", "--from", str(tmp_path / "in" / "*.jsonl*"), "--text-field", "content", "--out", str(out)]
+    try:
+        corpus_stage.main([*argv, "--tiers", "lit"])
+    except SystemExit as e:  # a lit package the registry no longer serves is the only excuse
+        pytest.skip(f"the lit tier cannot be built here: {capsys.readouterr().err}") if e.code else None
+    both = json.loads((out / "manifest.json").read_text())
+    assert both["tiers"] == ["lit"] and len(both["files"]) == 3
+    assert {s["name"] for s in both["sources"]} | set(both["skipped"]) == {s.name for s in sources_for(["lit"])}
+    docs = [d for shard in shard_docs(str(out)) for d in shard]
+    yours = ["甲文档", "second doc", "压缩的第0篇", "压缩的第1篇", "压缩的第2篇", "zstd 文档"]
+    assert docs[-6:] == yours and both["total_docs"] == len(docs) > 6  # yours last: the val shard's
+
+    corpus_stage.main(argv)  # the preset's lit tier is replaced: a new key, your files alone
+    alone = json.loads((out / "manifest.json").read_text())
+    assert alone["tiers"] == [] and alone["sources"] == [] and alone["key"] != both["key"]
+    assert [d for shard in shard_docs(str(out)) for d in shard] == yours
+
+
 def test_bad_specs_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="no such file or directory"):
         build_from_files([str(tmp_path / "nope")], "text", SHARD_CHARS, str(tmp_path / "o"))

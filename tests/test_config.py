@@ -106,3 +106,16 @@ def test_serving_settings_and_secrets_stay_out_of_the_pipeline_config(monkeypatc
     assert "api_key" not in type(ServingConfig().serve).model_fields
     for preset in PRESETS.values():
         assert "sk-never-a-parameter" not in json.dumps(flatten(preset()))
+
+
+def test_your_files_replace_the_tiers_unless_tiers_are_given_too():
+    """The same rule for a flow parameter, a config without a preset and the command's flags."""
+    from nanochat_core.stage_args import parser
+
+    assert PipelineConfig(preset="tiny", corpus={"sources": ["/zh"]}).corpus.tiers == []
+    assert PipelineConfig(corpus={"sources": ["/zh"]}).corpus.tiers == []
+    assert PipelineConfig(preset="tiny", corpus={"sources": ["/zh"], "tiers": ["docs"]}).corpus.tiers == ["docs"]
+    assert PipelineConfig(preset="tiny").corpus.tiers == ["lit"]
+    for extra, tiers in (([], []), (["--tiers", "lit,docs"], ["lit", "docs"])):
+        ns = parser("corpus").parse_args(["--preset", "tiny", "--from", "/zh", *extra])
+        assert config_from_args(ns).corpus.tiers == tiers

@@ -13,11 +13,13 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -46,7 +48,7 @@ class _Quiet(BaseHTTPRequestHandler):
 class ShardServer:
     """Serves files of `root` at /<name>; failures and throttling are per-test knobs."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tls: ssl.SSLContext | None = None):
         self.root = root
         self.fail_first: dict[str, int] = {}  # path -> number of requests still to fail with 503
         self.failures = 0
@@ -112,13 +114,29 @@ class ShardServer:
 
         self.httpd = _Server(("127.0.0.1", free_port()), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"http{'s' if tls else ''}://127.0.0.1:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def self_signed_tls(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for 127.0.0.1 with a self-signed certificate (openssl), and the certificate's
+    path, which clients trust through SSL_CERT_FILE."""
+    import ssl
+
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx, cert
 
 
 class FaultProxy:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -126,6 +128,37 @@ def test_tiers_given_beside_from_add_the_packaged_text(tmp_path, capsys):
     alone = json.loads((out / "manifest.json").read_text())
     assert alone["tiers"] == [] and alone["sources"] == [] and alone["key"] != both["key"]
     assert [d for shard in shard_docs(str(out)) for d in shard] == yours
+
+
+def test_explicit_https_files_over_tls(tmp_path):
+    """https:// sources read over real TLS, from a local server with a self-signed certificate: untrusted,
+    one sentence that says so; trusted through SSL_CERT_FILE, listed by HEAD, read, keyed by size and ETag."""
+    from download_fixtures import ShardServer, self_signed_tls
+
+    make_folder(tmp_path / "in")
+    tls, cert = self_signed_tls(tmp_path)
+    server = ShardServer(str(tmp_path / "in"), tls=tls)
+    server.etags = {"a.txt": '"v1"'}
+    out = tmp_path / "corpus"
+    specs = [f"{server.url}/a.txt", f"{server.url}/d.jsonl.gz"]
+    argv = [sys.executable, "-m", "nanochat_core.cli", "corpus", "build", "--text-field", "content",
+            "--out", str(out), *(arg for spec in specs for arg in ("--from", spec))]
+    try:
+        untrusted = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert untrusted.returncode != 0 and "Traceback" not in untrusted.stderr
+        assert "certificate verify failed" in untrusted.stderr and "SSL_CERT_FILE" in untrusted.stderr
+        trusted = {**os.environ, "SSL_CERT_FILE": str(cert)}  # read when the client starts: a new process
+        built = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=trusted)
+        assert built.returncode == 0, built.stderr[-2000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert specs[0].startswith("https://") and [f["file"] for f in manifest["files"]] == specs
+        assert manifest["files"][0]["version"] == "v1"
+        assert [d for shard in shard_docs(str(out)) for d in shard][-3:] == ["压缩的第0篇", "压缩的第1篇", "压缩的第2篇"]
+        server.requests.clear()
+        again = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=trusted)
+        assert "cached" in again.stdout and not [r for r in server.requests if r.startswith("GET")]
+    finally:
+        server.close()
 
 
 def test_bad_specs_are_one_sentence(tmp_path):

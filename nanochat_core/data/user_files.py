@@ -96,8 +96,14 @@ def list_files(specs: list[str]) -> list[SourceFile]:
             fs, path = storage.filesystem(spec)
             try:
                 info = fs.info(spec)
-            except FileNotFoundError:
-                raise UserError(f"--from {spec}: no such file at that URL") from None
+            except FileNotFoundError as e:
+                # fsspec reports every failed HEAD and GET so; only a 404 or 410 says the file is not there.
+                why = e.__cause__
+                if why is None or getattr(why, "status", None) in (404, 410):
+                    raise UserError(f"--from {spec}: no such file at that URL") from None
+                raise UserError(f"--from {spec}: cannot read it ({str(why).splitlines()[0]}); check the URL and "
+                                "the network, and for a server with a private CA point SSL_CERT_FILE at its "
+                                "certificate") from None
             found[spec] = SourceFile(spec, int(info.get("size") or 0), _version(info))
             continue
         fs, path = storage.filesystem(spec)

@@ -143,9 +143,11 @@ def stage_main(stage: str, argv: list[str] | None, run, on_notice: bool = False)
 def _torchrun_by_hand(launch, stage: str, cfg: PipelineConfig, inputs: dict, nproc: int, nnodes: int) -> None:
     from nanochat_core import notice
 
-    # torchrun runs in a session of its own, so a SIGTERM for this process would not reach it: pass it on
-    # through stop_all (SIGTERM, torchrun's grace, then SIGKILL by PID), off the signal handler's frame.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=launch.stop_all, daemon=True).start())
+    # torchrun runs in a session of its own, so neither a SIGTERM for this process nor a Ctrl-C in its
+    # terminal reaches it: pass them on through stop_all (SIGTERM, torchrun's grace, then SIGKILL by PID),
+    # off the signal handler's frame. The ranks finish their step and checkpoint there.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=launch.stop_all, daemon=True).start())
     try:
         launch.run_stage(stage, cfg, print, nproc, nnodes, inputs=inputs)
     except launch.StageFailed as e:

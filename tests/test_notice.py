@@ -105,7 +105,7 @@ def _ranks(torchrun_pid: int) -> set[tuple[int, str]]:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
-        if b"nanochat_core.stages.base_train" in cmdline:
+        if b"nanochat_core.stages.base_train" in cmdline and b"torch.distributed.run" not in cmdline:
             ranks.add((pid, start))
     return ranks
 
@@ -191,16 +191,71 @@ def test_stop_all_reaches_the_ranks_through_torchrun_and_none_survives(base, env
 
 
 @pytest.mark.slow
-def test_the_cli_starts_torchrun_for_two_processes(base, env, tmp_path):
-    cfg = config(base, nproc_per_node=2, num_iterations=2, eval_every=-1, save_every=-1, out=str(tmp_path / "ckpt"))
+def test_the_cli_starts_torchrun_for_two_processes_and_passes_sigterm_on(base, env, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cfg = config(base, nproc_per_node=2, num_iterations=STEPS, eval_every=-1, save_every=-1, out=str(ckpt))
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.model_dump_json())
-    proc = subprocess.run([sys.executable, "-m", "nanochat_core.cli", "base-train", "--config", str(cfg_file)],
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "-m torch.distributed.run --nproc_per_node=2" in proc.stdout
-    assert checkpoint.read_meta(str(tmp_path / "ckpt"), 2)["world_size"] == 2
-    assert (tmp_path / "ckpt" / "optim_000002_rank1.pt").exists()
+    argv = [sys.executable, "-m", "nanochat_core.cli", "base-train", "--config", str(cfg_file)]
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = subprocess.Popen(argv, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    below = set()
+    try:
+        _wait_for_step(ckpt, 2)
+        below, ranks = launch.descendants(cli.pid), _ranks(cli.pid)
+        assert len(ranks) == 2  # torchrun's two ranks below the command
+        cli.send_signal(signal.SIGTERM)  # what a shell's `kill` or a container stop sends the command
+        out, err = cli.communicate(timeout=launch.stop_grace() + 60)
+    finally:  # whatever failed, leave nothing running (by PID)
+        for pid in _alive(below) | ({cli.pid} if cli.poll() is None else set()):
+            os.kill(pid, signal.SIGKILL)
+    assert "-m torch.distributed.run --nproc_per_node=2" in out
+    assert cli.returncode == notice.EXIT_STATUS, out[-2000:] + err[-2000:]
+    step = checkpoint.latest_step(str(ckpt))
+    assert f"error: base_train stopped on SIGTERM at step {step} and saved a checkpoint there" in err
+    assert "Traceback" not in err.split("error: base_train stopped")[-1]
+    assert not _alive(ranks)
+
+    done = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"resumed from step {step} " in done.stdout
+    assert checkpoint.read_meta(str(ckpt), STEPS)["world_size"] == 2
+
+
+def test_mid_train_stops_on_notice_and_continues_exactly(monkeypatch, tmp_path, capsys):
+    """mid_train and chat_sft share the loop: in-process, one process, the notice here before step 1."""
+    from test_chat_stages import make_base, small_config
+    from nanochat_core.stages import mid_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.delenv("NANOCHAT_INPUTS_PATH", raising=False)
+    make_base(str(tmp_path))
+    cfg = small_config()
+
+    def with_out(name: str):
+        return cfg.model_copy(update={"mid_train": cfg.mid_train.model_copy(
+            update={"out": str(tmp_path / name), "num_iterations": 4, "eval_every": 1})})
+
+    run_alone(mid_train, with_out("straight"))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        notice.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        record = run_alone(mid_train, with_out("stopped"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        notice._received_at = None
+    assert record == {"stage": "mid_train", "path": str(tmp_path / "stopped"), "stopped_at_step": 1,
+                      "signal": "SIGTERM", "checkpoint_step": 1}
+    assert checkpoint.read_meta(str(tmp_path / "stopped"), 1)["stopped_at_step"] == 1
+    continued = run_alone(mid_train, with_out("stopped"))
+    assert continued["resumed_from"] == 1 and continued["step"] == 4
+
+    def rows(name):
+        return [{k: v for k, v in r.items() if k in ("step", "train/loss", "val/loss")}
+                for r in metrics(tmp_path / name / "metrics.jsonl")]
+
+    assert rows("stopped") == rows("straight")  # the skipped evaluation of step 1 made up on the re-run
 
 
 def test_torchrun_gets_the_notice_and_stop_all_waits_longer(monkeypatch):

@@ -7,7 +7,7 @@ everything since its last periodic checkpoint (d20: up to 1,555 steps, ~15 min).
     notice.install()                          # in a training stage's main(): for the process's whole life
     loss, stop = notice.reduce_with_loss(loss_sum / accum, rt)   # the per-step all-reduce, one tensor
     ...optimizer step...
-    if stop: ... notice.write_fits(nbytes, ...) -> checkpoint at this step -> stopped record -> exit 143
+    if stop: return notice.stop_here(...)   # checkpoint at this step if it fits, the record; main exits 143
 
 The signal reaches ranks at different moments (torchrun forwards it to each rank's own session in turn;
 on several nodes each node's platform decides), so no rank stops on its own: the flag travels with the
@@ -72,8 +72,8 @@ def recorded_gbps() -> float | None:
 
 def install() -> None:
     """Record SIGTERM instead of dying of it, for the rest of the process (a stage's main thread only)."""
-    global _received_at
-    _received_at = None
+    global _received_at, _measured_gbps
+    _received_at, _measured_gbps = None, None
     notice_seconds(), recorded_gbps()  # a bad setting fails now, in one sentence, not at the notice
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -148,3 +148,19 @@ def write_fits(nbytes: int, rt, label: str, step: int, fallback: int | None) -> 
               f"at {gbps:.3g} GB/s ({source}), more than the {max(left, 0):.0f} s left of the {notice_seconds():.0f} s "
               f"notice (${NOTICE_ENV}); not starting it: {then}", flush=True)
     return False
+
+
+def stop_here(stage: str, ckpt_dir: str, step: int, model, opt, rt, save, say) -> dict:
+    """The end of a training stage that had notice, after optimizer step `step` (every rank calls this):
+    `save()` the checkpoint there if the write fits in what is left of the notice, say so, and return the
+    record the launcher reads (launch.stopped_record) in place of the stage's ref."""
+    from nanochat_core import launch
+    from nanochat_core.checkpoint import latest_step
+
+    kept = latest_step(ckpt_dir)
+    saved = write_fits(checkpoint_bytes(model, opt, rt.world), rt, stage, step, kept)
+    if saved:
+        save()
+    record = launch.stopped_record(stage, ckpt_dir, step, saved, kept)
+    say(launch.stopped_line(record))
+    return record

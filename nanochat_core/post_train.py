@@ -17,6 +17,7 @@ cursor and the RNG are in the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as tdist
 
-from nanochat_core import artifacts, dist, launch, notice
+from nanochat_core import artifacts, dist, notice
 from nanochat_core.checkpoint import (
     continue_or_start, latest_step, load_model, load_model_state, load_rank_state, read_meta, run_key, save_checkpoint,
 )
@@ -138,17 +139,6 @@ class StageRun:
             meta if rt.master else None, barrier=dist.barrier, keep_last=self.sc.keep_last if self.sc else 1),
             notice.checkpoint_bytes(model, opt, rt.world))
         self.metrics.flush()
-
-    def stop(self, step: int, model, opt, batches: Batches, loop: dict) -> dict:
-        """Notice came (SIGTERM on some rank): save this step if the write fits in what is left of it, and
-        return the record the launcher reads."""
-        kept = latest_step(self.out)
-        saved = notice.write_fits(notice.checkpoint_bytes(model, opt, self.rt.world), self.rt, self.stage, step, kept)
-        if saved:
-            self.checkpoint(step, model, opt, batches, loop, stopped=True)
-        record = launch.stopped_record(self.stage, self.out, step, saved, kept)
-        self.say(launch.stopped_line(record))
-        return record
 
 
 def make_optimizers(model, sc):
@@ -321,7 +311,8 @@ def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: i
                        "train/tok_per_sec": tokens * rt.world / dt})
         last = step + 1 == N
         if stopping and not last:  # (at the last step the run just finishes)
-            return {**stats, "stopped": ctx.stop(step + 1, model, opt, next_batch, stats)}
+            save = functools.partial(ctx.checkpoint, step + 1, model, opt, next_batch, stats, stopped=True)
+            return {**stats, "stopped": notice.stop_here(ctx.stage, ctx.out, step + 1, model, opt, rt, save, say)}
         if evaluate is not None and (last or (sc.eval_every > 0 and (step + 1) % sc.eval_every == 0)):
             stats["val_loss"] = evaluate(step + 1)
         if not last and ctx.save_every and (step + 1) % ctx.save_every == 0:

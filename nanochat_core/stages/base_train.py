@@ -11,6 +11,9 @@ Reads its `tokenizer` and `shards` inputs (exactly the shards that ref lists; ru
 `metrics.jsonl` and `result.json` to `<base>/base_checkpoints/d<depth>/` (or --out). Everything the run needs is derived from the
 plan (nanochat_core.plan): model dims from the depth, grad accumulation from the batch sizes,
 the horizon from num_iterations > target_flops > target_param_data_ratio.
+On SIGTERM (a platform's notice, or the launcher's stop) every rank finishes the optimizer step it is in,
+the checkpoint is written at that step and the stage exits with status 143; a re-run continues from it
+with the losses of an uninterrupted run (nanochat_core.notice).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist, hardware, launch, notice
+from nanochat_core import artifacts, dist, hardware, notice
 from nanochat_core.checkpoint import (
     continue_or_start,
     latest_step,
@@ -160,16 +163,6 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             notice.checkpoint_bytes(model, opt, rt.world))
         metrics.flush()
 
-    def stop(at_step: int, consumed: tuple) -> dict:
-        """Notice came (SIGTERM on some rank): save this step if the write fits in what is left of it."""
-        kept = latest_step(ckpt_dir)
-        saved = notice.write_fits(notice.checkpoint_bytes(model, opt, rt.world), rt, "base_train", at_step, kept)
-        if saved:
-            checkpoint(at_step, consumed, stopped=True)
-        record = launch.stopped_record("base_train", ckpt_dir, at_step, saved, kept)
-        say(launch.stopped_line(record))
-        return record
-
     def is_eval_step(s: int) -> bool:  # s = optimizer steps done
         return s == N or (tc.eval_every > 0 and s % tc.eval_every == 0)
 
@@ -231,7 +224,9 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
                        "train/dt_ms": dt * 1000, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
                        "train/epoch": epoch, "train/grad_norm": grad_norm, "train/total_time_s": loop["total_time"]})
         if stopping and step < N:  # (at the last step the run just finishes)
-            return stop(step, consumed)  # evaluation and samples wait for the re-run: the notice is short
+            # Evaluation and samples wait for the re-run: the notice is short.
+            return notice.stop_here("base_train", ckpt_dir, step, model, opt, rt,
+                                    lambda: checkpoint(step, consumed, stopped=True), say)
         if is_eval_step(step):
             evaluate(step)
         if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == N):

@@ -40,12 +40,14 @@ from typing import Any, Callable
 
 from nanochat_core.artifacts import INPUTS_PATH_ENV, RESULT_PATH_ENV
 from nanochat_core.config import PipelineConfig
+from nanochat_core.errors import UserError
 from nanochat_core.paths import BASE_DIR_ENV, base_dir
 
 TAIL_LINES = 40
 NOTICE_ENV, DEFAULT_NOTICE_S = "NANOCHAT_NOTICE_S", 30.0  # read by nanochat_core.notice in the ranks too
 # torchrun waits this much past the notice before it SIGKILLs its ranks: a rank stops only after the step
-# it is in (d20: ~0.6 s on 8xH100; longer if the notice came during an evaluation) and then exits.
+# it is in (d20: ~0.6 s on 8xH100 by the plan's estimate; longer if the notice came during an evaluation)
+# and then exits.
 SHUTDOWN_MARGIN_S = 15
 # stop_all / _kill_group wait this much past torchrun's own timeout (its SIGKILL, reaping, its exit) before
 # they SIGKILL what is left; a one-process stage gets the same grace.
@@ -59,13 +61,12 @@ _stopping = threading.Event()
 class StageFailed(RuntimeError):
     """The child exited non-zero; the message carries its last lines."""
 
+    record: dict | None = None  # the stage's record of a stop on SIGTERM (stopped_record), when it wrote one
+
     def __init__(self, stage: str, returncode: int, tail: list[str]):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         last = "\n".join(tail)
         super().__init__(f"stage {stage} exited with status {returncode}; its last lines:\n{last}")
-
-
-    record: dict | None = None  # the stage's record of a stop on SIGTERM (stopped_record), when it wrote one
 
     @property
     def stopped_at_step(self) -> int | None:
@@ -103,14 +104,20 @@ def stopped_line(record: dict) -> str:
     return f"{head} without saving (the write would not fit in the notice) and no earlier checkpoint; a re-run starts over"
 
 
-def notice_seconds() -> float:
-    """$NANOCHAT_NOTICE_S, what the platform gives between SIGTERM and SIGKILL (checked in one sentence by
-    the stages, nanochat_core.notice; a value that does not parse falls back to the default here)."""
+def notice_seconds(strict: bool = False) -> float:
+    """$NANOCHAT_NOTICE_S, what the platform gives between SIGTERM and SIGKILL. A bad value is a UserError
+    when `strict` (the stages, which read it first), else the default (the launcher just sizes its waits)."""
+    text = os.environ.get(NOTICE_ENV)
     try:
-        value = float(os.environ.get(NOTICE_ENV) or DEFAULT_NOTICE_S)
+        value = float(text) if text else DEFAULT_NOTICE_S
     except ValueError:
-        return DEFAULT_NOTICE_S
-    return value if value > 0 else DEFAULT_NOTICE_S
+        value = -1.0
+    if value > 0:
+        return value
+    if strict:
+        raise UserError(f"{NOTICE_ENV}={text!r} is not a positive number of seconds; set it to the platform's "
+                        "notice (terminationGracePeriodSeconds, 30 on GCP, 120 on AWS) or unset it")
+    return DEFAULT_NOTICE_S
 
 
 def shutdown_timeout() -> int:

@@ -30,10 +30,10 @@ import time
 
 import torch
 
+from nanochat_core import launch
 from nanochat_core.errors import UserError
 
-NOTICE_ENV = "NANOCHAT_NOTICE_S"
-DEFAULT_NOTICE_S = 30.0
+NOTICE_ENV = launch.NOTICE_ENV  # parsed by launch.notice_seconds, which sizes torchrun's waits from it too
 WRITE_RATE_ENV = "NANOCHAT_CHECKPOINT_GBPS"  # a recorded write rate, used until a periodic save measures one
 EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended: the stage did not finish
 
@@ -43,17 +43,7 @@ _measured_gbps: float | None = None  # the last periodic save's bytes / seconds 
 
 def notice_seconds() -> float:
     """The platform's notice between SIGTERM and SIGKILL ($NANOCHAT_NOTICE_S, default 30)."""
-    text = os.environ.get(NOTICE_ENV)
-    if not text:
-        return DEFAULT_NOTICE_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise UserError(f"{NOTICE_ENV}={text!r} is not a positive number of seconds; set it to the platform's "
-                        "notice (terminationGracePeriodSeconds, 30 on GCP, 120 on AWS) or unset it")
-    return value
+    return launch.notice_seconds(strict=True)
 
 
 def recorded_gbps() -> float | None:
@@ -154,7 +144,6 @@ def stop_here(stage: str, ckpt_dir: str, step: int, model, opt, rt, save, say) -
     """The end of a training stage that had notice, after optimizer step `step` (every rank calls this):
     `save()` the checkpoint there if the write fits in what is left of the notice, say so, and return the
     record the launcher reads (launch.stopped_record) in place of the stage's ref."""
-    from nanochat_core import launch
     from nanochat_core.checkpoint import latest_step
 
     kept = latest_step(ckpt_dir)

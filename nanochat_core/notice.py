@@ -29,8 +29,9 @@ import threading
 import time
 
 import torch
+import torch.distributed as tdist
 
-from nanochat_core import launch
+from nanochat_core import dist, launch
 from nanochat_core.errors import UserError
 
 NOTICE_ENV = launch.NOTICE_ENV  # parsed by launch.notice_seconds, which sizes torchrun's waits from it too
@@ -82,8 +83,6 @@ def received() -> bool:
 def reduce_with_loss(loss: torch.Tensor, rt) -> tuple[float, bool]:
     """(mean of `loss` over ranks, whether any rank has had notice): the step's one all-reduce, which
     every rank makes at the same step, so all of them stop after the same optimizer step."""
-    from nanochat_core import dist
-
     both = torch.stack([loss.detach().float().reshape(()),
                         torch.tensor(1.0 if received() else 0.0, device=loss.device)])
     dist.all_reduce_sum(both)
@@ -119,24 +118,25 @@ def timed_save(save, nbytes: int) -> None:
 
 
 def write_fits(nbytes: int, rt, label: str, step: int, fallback: int | None) -> bool:
-    """Whether the checkpoint at `step` can be written before the notice runs out, on every rank. When it
-    cannot (on any rank), rank 0 says why in one line and no rank starts the write."""
-    from nanochat_core import dist
-
+    """Whether the checkpoint at `step` can be written before the notice runs out. The ranks agree on the
+    slowest expected write and the least time left (the rank that had notice first), so they decide alike;
+    when it does not fit, rank 0 says why in one line and no rank starts the write."""
     gbps, source = (_measured_gbps, "measured by this run's last periodic save") if _measured_gbps else (
         recorded_gbps(), f"${WRITE_RATE_ENV}")
     left = notice_seconds() - (time.monotonic() - _received_at if _received_at is not None else 0.0)
     need = nbytes / (gbps * 1e9) if gbps else 0.0  # no rate known yet: try; a cut-off write commits nothing
-    late = torch.tensor(1.0 if need > left else 0.0, device=rt.device)
-    dist.all_reduce_sum(late)
-    if late.item() == 0:
+    worst = torch.tensor([need, -left], dtype=torch.float64, device=rt.device)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(worst, op=tdist.ReduceOp.MAX)
+    need, left = worst[0].item(), -worst[1].item()
+    if need <= left:
         return True
     if rt.master:
         then = (f"a re-run continues from step {fallback}, the last periodic checkpoint" if fallback is not None
                 else "no checkpoint exists, a re-run starts over")
-        print(f"{label}: notice at step {step}, but writing its checkpoint ({nbytes / 1e9:.2f} GB) takes ~{need:.0f} s "
-              f"at {gbps:.3g} GB/s ({source}), more than the {max(left, 0):.0f} s left of the {notice_seconds():.0f} s "
-              f"notice (${NOTICE_ENV}); not starting it: {then}", flush=True)
+        print(f"{label}: notice at step {step}, but writing its checkpoint ({nbytes / 1e9:.2f} GB) takes ~{need:.0f} s"
+              f"{f' at {gbps:.3g} GB/s ({source})' if gbps else ''}, more than the {max(left, 0):.0f} s left of the "
+              f"{notice_seconds():.0f} s notice (${NOTICE_ENV}); not starting it: {then}", flush=True)
     return False
 
 

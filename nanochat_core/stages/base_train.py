@@ -5,6 +5,7 @@
     nanochat base-train --preset d4-cpu --num-iterations 200 --save-every 50    # after a crash: continues
     nanochat base-train --preset d4-cpu --num-iterations 400 --resume    # continue with other settings
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_train --config cfg.json
+    nanochat base-train --preset d20 --nproc-per-node 8      # the same: starts torchrun for the 8 processes
 
 Reads its `tokenizer` and `shards` inputs (exactly the shards that ref lists; run by hand, by default
 `<base>/tokenizer/` and `<base>/base_data/`, or --tokenizer / --shards); writes checkpoints,

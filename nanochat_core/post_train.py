@@ -17,6 +17,7 @@ cursor and the RNG are in the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as tdist
 
-from nanochat_core import artifacts, dist
+from nanochat_core import artifacts, dist, notice
 from nanochat_core.checkpoint import (
     continue_or_start, latest_step, load_model, load_model_state, load_rank_state, read_meta, run_key, save_checkpoint,
 )
@@ -79,6 +80,7 @@ class StageRun:
     key: str = ""  # checkpoint.run_key of this run's settings and inputs
     save_every: int = 0  # steps between checkpoints (0: only the final one)
     resumed_from: int | None = None
+    eval_owed: bool = False  # continued from a stop on notice, which skipped that step's evaluation
     say: dist.Console = field(init=False)
     metrics: dist.MetricsLog = field(init=False)
     started: float = field(default_factory=time.time)
@@ -120,19 +122,22 @@ class StageRun:
         torch.set_rng_state(rank_state["rng"].cpu())
         batches.cursor = rank_state["cursor"]
         self.metrics.truncate_after(step)
+        self.eval_owed = meta.get("stopped_at_step") == step
         self.say(f"{self.label}: resumed from step {step} of {self.out}")
         return step, meta["loop"]
 
-    def checkpoint(self, step: int, model, opt, batches: Batches | None, loop: dict) -> None:
+    def checkpoint(self, step: int, model, opt, batches: Batches | None, loop: dict, stopped: bool = False) -> None:
         """Checkpoint in base_train's layout (meta written last); the model config and tokenizer dir in
         the meta make it loadable by `checkpoint.load_model`."""
         rt = self.rt
         rank_state = {"optim": opt.state_dict(), "rng": torch.get_rng_state(),
                       "cursor": batches.cursor if batches else 0}
-        meta = {**self.meta, "step": step, "loop": loop, "time": time.time()}
-        save_checkpoint(self.out, step, rt.rank, model.state_dict() if rt.master else None, rank_state,
-                        meta if rt.master else None, barrier=dist.barrier,
-                        keep_last=self.sc.keep_last if self.sc else 1)
+        meta = {**self.meta, "step": step, "loop": loop, "time": time.time(),
+                **({"stopped_at_step": step} if stopped else {})}
+        notice.timed_save(lambda: save_checkpoint(
+            self.out, step, rt.rank, model.state_dict() if rt.master else None, rank_state,
+            meta if rt.master else None, barrier=dist.barrier, keep_last=self.sc.keep_last if self.sc else 1),
+            notice.checkpoint_bytes(model, opt, rt.world))
         self.metrics.flush()
 
 
@@ -215,6 +220,8 @@ def train_supervised(ctx: StageRun, cfg: PipelineConfig, inputs: dict[str, dict]
     batches, opt = Batches(next_rows), make_optimizers(model, ctx.sc)
     start, stats = ctx.resume_or_start(model, opt, batches)
     stats = train_loop(ctx, model, opt, batches, N, accum, ctx.sc, evaluate, start, stats)
+    if "stopped" in stats:
+        return stats["stopped"]
     ctx.checkpoint(N, model, opt, batches, stats)
     out = ctx.out
     figures = {"step": N, **provenance, "train_loss": stats["train_loss"], "val_loss": stats["val_loss"],
@@ -261,10 +268,13 @@ def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: i
     the mean over its trained tokens; lr decays linearly over the last `warmdown_ratio` of the steps.
     Steps `start`+1..N (a continued run passes its checkpoint's step and figures); `evaluate(step)`
     runs every `eval_every` steps and at the end; a checkpoint every `ctx.save_every` steps (the final
-    one is train_supervised's). Returns the loop's figures."""
+    one is train_supervised's). Returns the loop's figures; after a stop on notice (SIGTERM), also the
+    stop's record under "stopped"."""
     rt, say, metrics, autocast, stage = ctx.rt, ctx.say, ctx.metrics, ctx.autocast, ctx.label
     N = num_iterations
     stats = stats or {"train_loss": None, "val_loss": None, "train_time_s": 0.0, "tokens": 0}
+    if evaluate is not None and ctx.eval_owed and sc.eval_every > 0 and start % sc.eval_every == 0:
+        stats["val_loss"] = evaluate(start)  # the evaluation the stop skipped
     model.train()
     for step in range(start, N):
         lrm = lr_multiplier(step, N, 0.0, sc.warmdown_ratio, 0.0)
@@ -282,7 +292,8 @@ def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: i
                 loss = model(x, y, loss_reduction="sum") / valid
             loss_sum += loss.detach()
             (loss / accum).backward()
-        step_loss = dist.all_reduce_sum(loss_sum / accum).item() / rt.world
+        # One all-reduce carries the loss and whether any rank has had notice: all stop after this step.
+        step_loss, stopping = notice.reduce_with_loss(loss_sum / accum, rt)
         if not math.isfinite(step_loss):
             raise UserError(f"{stage}: the loss became {step_loss} at step {step + 1}; lower the learning "
                             "rates (--init-lr-frac) or check the task mixture")
@@ -299,6 +310,9 @@ def train_loop(ctx: StageRun, model, opt, next_batch: Batches, num_iterations: i
         metrics.write({"step": step + 1, "train/loss": step_loss, "train/lr_mult": lrm, "train/dt_ms": dt * 1000,
                        "train/tok_per_sec": tokens * rt.world / dt})
         last = step + 1 == N
+        if stopping and not last:  # (at the last step the run just finishes)
+            save = functools.partial(ctx.checkpoint, step + 1, model, opt, next_batch, stats, stopped=True)
+            return {**stats, "stopped": notice.stop_here(ctx.stage, ctx.out, step + 1, model, opt, rt, save, say)}
         if evaluate is not None and (last or (sc.eval_every > 0 and (step + 1) % sc.eval_every == 0)):
             stats["val_loss"] = evaluate(step + 1)
         if not last and ctx.save_every and (step + 1) % ctx.save_every == 0:

@@ -53,12 +53,22 @@ class TokenLoader:
 
     # --- state --------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def snapshot(self) -> tuple:
+        """The state now, cheaply (a stage takes one every step, before it prefetches the next batch, so a
+        checkpoint it decides on later still holds exactly the batches consumed): the buffer's lists are
+        copied, not its documents, which are never changed in place. 4 µs for 1,000 documents, where
+        `state_dict()` flattens every buffered token: 0.08 s for 1,000 documents of 1,000 tokens (measured
+        on this 2-core machine with other work running, Dec 2026), a tenth of a d20 step."""
+        return (asdict(self.position) if self.position is not None else None, list(self.docs), list(self.lengths))
+
+    def state_dict(self, snapshot: tuple | None = None) -> dict:
+        """The state now, or at `snapshot`."""
+        position, docs, lengths = snapshot or self.snapshot()
         # The buffer as two flat tensors: compact in the checkpoint, and loadable with weights_only.
         return {
-            "position": asdict(self.position) if self.position is not None else None,
-            "buffer_tokens": torch.tensor([t for d in self.docs for t in d], dtype=torch.int32),
-            "buffer_lengths": torch.tensor(self.lengths, dtype=torch.int64),
+            "position": position,
+            "buffer_tokens": torch.tensor([t for d in docs for t in d], dtype=torch.int32),
+            "buffer_lengths": torch.tensor(lengths, dtype=torch.int64),
         }
 
     # --- packing ------------------------------------------------------------------------------

@@ -5,12 +5,16 @@
     nanochat base-train --preset d4-cpu --num-iterations 200 --save-every 50    # after a crash: continues
     nanochat base-train --preset d4-cpu --num-iterations 400 --resume    # continue with other settings
     torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_train --config cfg.json
+    nanochat base-train --preset d20 --nproc-per-node 8      # the same: starts torchrun for the 8 processes
 
 Reads its `tokenizer` and `shards` inputs (exactly the shards that ref lists; run by hand, by default
 `<base>/tokenizer/` and `<base>/base_data/`, or --tokenizer / --shards); writes checkpoints,
 `metrics.jsonl` and `result.json` to `<base>/base_checkpoints/d<depth>/` (or --out). Everything the run needs is derived from the
 plan (nanochat_core.plan): model dims from the depth, grad accumulation from the batch sizes,
 the horizon from num_iterations > target_flops > target_param_data_ratio.
+On SIGTERM (a platform's notice, or the launcher's stop) every rank finishes the optimizer step it is in,
+the checkpoint is written at that step and the stage exits with status 143; a re-run continues from it
+with the losses of an uninterrupted run (nanochat_core.notice).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 
 import torch
 
-from nanochat_core import artifacts, dist, hardware
+from nanochat_core import artifacts, dist, hardware, notice
 from nanochat_core.checkpoint import (
     continue_or_start,
     latest_step,
@@ -40,7 +44,7 @@ from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.model.samples import greedy_samples
 from nanochat_core.paths import join, output_dir
 from nanochat_core.plan import checkpoint_line, make_plan
-from nanochat_core.stage_args import parse
+from nanochat_core.stage_args import stage_main
 from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
 EMA_BETA = 0.9  # smoothing of the logged loss_ema (debiased like Adam's moments)
@@ -79,7 +83,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
     # --- continue an unfinished run of these settings and inputs, or start fresh ----------------
     key = run_key("base_train", tc.run_settings(), rt.world, inputs)
-    step, loader_state, loop = 0, None, {"loss_ema": 0.0, "total_time": 0.0, "val_bpb": None,
+    step, loader_state, eval_owed, loop = 0, None, False, {"loss_ema": 0.0, "total_time": 0.0, "val_bpb": None,
                                          "min_val_bpb": None, "last_line": None}
     resume_step = continue_or_start(ckpt_dir, key, rt.master, dist.barrier, say, force=tc.resume)
     if resume_step is not None:
@@ -100,6 +104,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         opt.load_state_dict(rank_state["optim"])
         torch.set_rng_state(rank_state["rng"].cpu())
         loader_state, loop, step = rank_state["loader"], meta["loop"], resume_step
+        # A run stopped on notice skipped that step's evaluation to save sooner; it is made up below.
+        eval_owed = meta.get("stopped_at_step") == step
         say(f"resumed from step {step} of {ckpt_dir}")
         if step >= N:
             say(loop["last_line"] or f"step {step:05d}/{N:05d} | finished")
@@ -141,17 +147,21 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             say(f"sample: {text!r}")
         model.train()
 
-    def checkpoint(at_step: int, loader_snapshot: dict) -> None:
+    def checkpoint(at_step: int, consumed: tuple, stopped: bool = False) -> None:
+        loader_state = train_loader.state_dict(consumed)
         meta = {
             "step": at_step, "num_iterations": N, "run_key": key, "model_config": model_cfg.to_dict(), "user_config": tc.model_dump(),
             "preset": cfg.preset, "plan": plan.to_dict(), "world_size": rt.world, "device_batch_size": B,
-            "total_batch_size": tc.total_batch_size, "max_seq_len": T, "loader_position": loader_snapshot["position"],
+            "total_batch_size": tc.total_batch_size, "max_seq_len": T, "loader_position": loader_state["position"],
             "loop": loop, "val_bpb": loop["val_bpb"], "tokenizer_dir": tok_dir, "data_dir": data_dir,
             "shards": [url.rsplit("/", 1)[-1] for url in [*shards.train, shards.val]],
+            **({"stopped_at_step": at_step} if stopped else {}),
         }
-        rank_state = {"optim": opt.state_dict(), "loader": loader_snapshot, "rng": torch.get_rng_state()}
-        save_checkpoint(ckpt_dir, at_step, rt.rank, model.state_dict() if rt.master else None, rank_state,
-                        meta if rt.master else None, barrier=dist.barrier, keep_last=tc.keep_last)
+        rank_state = {"optim": opt.state_dict(), "loader": loader_state, "rng": torch.get_rng_state()}
+        notice.timed_save(lambda: save_checkpoint(
+            ckpt_dir, at_step, rt.rank, model.state_dict() if rt.master else None, rank_state,
+            meta if rt.master else None, barrier=dist.barrier, keep_last=tc.keep_last),
+            notice.checkpoint_bytes(model, opt, rt.world))
         metrics.flush()
 
     def is_eval_step(s: int) -> bool:  # s = optimizer steps done
@@ -159,6 +169,8 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
     if step == 0 and tc.eval_every > 0:
         evaluate(0)
+    elif eval_owed and is_eval_step(step):
+        evaluate(step)
 
     # --- the loop ----------------------------------------------------------------------------
     model.train()
@@ -177,10 +189,12 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
             (loss / accum).backward()
             last = micro == accum - 1
             # The loader's state must describe exactly the batches consumed, so snapshot it before
-            # prefetching the next step's first batch.
-            loader_snapshot = train_loader.state_dict() if (last and save_now) else None
+            # prefetching the next step's first batch: every step, since notice can stop any of them.
+            if last:
+                consumed = train_loader.snapshot()
             x, y = next(train_loader)  # fetched while the device still runs the backward pass
-        step_loss = dist.all_reduce_sum(loss_sum / accum).item() / rt.world
+        # One all-reduce carries the loss and whether any rank has had notice: all stop after this step.
+        step_loss, stopping = notice.reduce_with_loss(loss_sum / accum, rt)
         if not math.isfinite(step_loss):
             kept = latest_step(ckpt_dir)
             raise UserError(
@@ -210,12 +224,16 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
         metrics.write({"step": step, "train/loss": step_loss, "train/loss_ema": loss_ema, "train/lr_mult": lrm,
                        "train/dt_ms": dt * 1000, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
                        "train/epoch": epoch, "train/grad_norm": grad_norm, "train/total_time_s": loop["total_time"]})
+        if stopping and step < N:  # (at the last step the run just finishes)
+            # Evaluation and samples wait for the re-run: the notice is short.
+            return notice.stop_here("base_train", ckpt_dir, step, model, opt, rt,
+                                    lambda: checkpoint(step, consumed, stopped=True), say)
         if is_eval_step(step):
             evaluate(step)
         if tc.sample_every > 0 and (step % tc.sample_every == 0 or step == N):
             sample(step)
         if save_now:
-            checkpoint(step, loader_snapshot)
+            checkpoint(step, consumed)
 
     result = _result(ckpt_dir, step, N, loop, plan, rt.master, resume_step)
     if rt.master:
@@ -241,8 +259,7 @@ def _result(ckpt_dir: str, step: int, N: int, loop: dict, plan, master: bool, re
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, inputs = parse("base_train", argv)
-    artifacts.emit(run(cfg, inputs))
+    stage_main("base_train", argv, run, on_notice=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from nanochat_core.errors import exit_on_user_error, with_reasons
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import load_start
 from nanochat_core.registry import eval_ref_name
-from nanochat_core.stage_args import parse
+from nanochat_core.stage_args import stage_main
 from nanochat_core.tasks.code import HumanEval
 from nanochat_core.tasks.math import GSM8K
 from nanochat_core.tasks.multiple_choice import ARC, MMLU
@@ -151,8 +151,7 @@ def evaluate(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, inputs = parse("chat_eval", argv)
-    artifacts.emit(run(cfg, inputs))
+    stage_main("chat_eval", argv, run)  # with --nproc-per-node N > 1 by hand: torchrun for the N processes
 
 
 if __name__ == "__main__":

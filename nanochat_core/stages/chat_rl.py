@@ -31,7 +31,7 @@ from nanochat_core.engine import Engine
 from nanochat_core.errors import UserError, exit_on_user_error, warn
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import StageRun, base_meta, build_mixture, dropped_tasks, load_start, make_optimizers
-from nanochat_core.stage_args import parse
+from nanochat_core.stage_args import stage_main
 from nanochat_core.tasks.math import GSM8K
 
 
@@ -184,8 +184,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, inputs = parse("chat_rl", argv)
-    artifacts.emit(run(cfg, inputs))
+    stage_main("chat_rl", argv, run)  # with --nproc-per-node N > 1 by hand: torchrun for the N processes
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat_core import artifacts, dist, hardware
+from nanochat_core import dist, hardware
 from nanochat_core.chat_format import render_conversation
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
@@ -22,7 +22,7 @@ from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
     StageRun, dropped_tasks, build_mixture, load_start, sft_batch, split_val, train_supervised, val_loss_logger,
 )
-from nanochat_core.stage_args import parse
+from nanochat_core.stage_args import stage_main
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:
@@ -75,8 +75,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, inputs = parse("chat_sft", argv)
-    artifacts.emit(run(cfg, inputs))
+    stage_main("chat_sft", argv, run, on_notice=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat_core import artifacts, dist, hardware
+from nanochat_core import dist, hardware
 from nanochat_core.chat_format import render_conversation
 from nanochat_core.config import PipelineConfig
 from nanochat_core.errors import UserError, exit_on_user_error
@@ -23,7 +23,7 @@ from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
     StageRun, dropped_tasks, all_reduce_min, build_mixture, load_start, split_val, train_supervised, val_loss_logger,
 )
-from nanochat_core.stage_args import parse
+from nanochat_core.stage_args import stage_main
 
 
 def packed_rows(tokenizer, mixture, indices, T: int) -> torch.Tensor:
@@ -92,8 +92,7 @@ def train(cfg: PipelineConfig, inputs: dict[str, dict], rt: dist.Runtime) -> dic
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, inputs = parse("mid_train", argv)
-    artifacts.emit(run(cfg, inputs))
+    stage_main("mid_train", argv, run, on_notice=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from nanochat_core.model.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat_core.model.samples import greedy_samples
 from nanochat_core.paths import join, output_dir
 from nanochat_core.plan import checkpoint_line, make_plan
-from nanochat_core.stage_args import stage_main
+from nanochat_core.torch_stage import stage_main
 from nanochat_core.tokenizer import Tokenizer, load_token_bytes
 
 EMA_BETA = 0.9  # smoothing of the logged loss_ema (debiased like Adam's moments)

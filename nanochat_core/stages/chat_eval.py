@@ -30,7 +30,7 @@ from nanochat_core.errors import exit_on_user_error, with_reasons
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import load_start
 from nanochat_core.registry import eval_ref_name
-from nanochat_core.stage_args import stage_main
+from nanochat_core.torch_stage import stage_main
 from nanochat_core.tasks.code import HumanEval
 from nanochat_core.tasks.math import GSM8K
 from nanochat_core.tasks.multiple_choice import ARC, MMLU

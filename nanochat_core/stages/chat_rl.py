@@ -31,7 +31,7 @@ from nanochat_core.engine import Engine
 from nanochat_core.errors import UserError, exit_on_user_error, warn
 from nanochat_core.paths import join, output_dir
 from nanochat_core.post_train import StageRun, base_meta, build_mixture, dropped_tasks, load_start, make_optimizers
-from nanochat_core.stage_args import stage_main
+from nanochat_core.torch_stage import stage_main
 from nanochat_core.tasks.math import GSM8K
 
 

@@ -22,7 +22,7 @@ from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
     StageRun, dropped_tasks, build_mixture, load_start, sft_batch, split_val, train_supervised, val_loss_logger,
 )
-from nanochat_core.stage_args import stage_main
+from nanochat_core.torch_stage import stage_main
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, dict]) -> dict:

@@ -23,7 +23,7 @@ from nanochat_core.paths import output_dir
 from nanochat_core.post_train import (
     StageRun, dropped_tasks, all_reduce_min, build_mixture, load_start, split_val, train_supervised, val_loss_logger,
 )
-from nanochat_core.stage_args import stage_main
+from nanochat_core.torch_stage import stage_main
 
 
 def packed_rows(tokenizer, mixture, indices, T: int) -> torch.Tensor:

@@ -27,10 +27,11 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import get_result_store
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, Completed, Crashed
 
 from flows.cache import StageCache
-from nanochat_core import hardware, mlflow_model, tracking
+from nanochat_core import fencing, hardware, mlflow_model, tracking
 from nanochat_core.artifacts import digest_of
 from nanochat_core.config import PipelineConfig, flatten
 from nanochat_core.data.user_files import list_files, listing_key
@@ -158,6 +159,7 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     # ends, fails or is stopped (so a failed run keeps its curve up to the failure).
     live = tracking.LiveMetrics(run_id) if run_id else None
     env = {"NANOCHAT_MLFLOW_RUN_ID": run_id, **live.env} if live else {}
+    env.update(_fencing_env(task_run.flow_run_id))
     # System metrics (CPU, memory, GPU) only where they tell something: the long training stages.
     monitor = tracking.SystemMetrics(run_id) if run_id and record.resumable else contextlib.nullcontext()
     started = time.monotonic()
@@ -194,6 +196,19 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
                        "not cached: the next run asks the registry again")
         return Completed(data=get_result_store().create_result_record(ref, key=f"degraded-{task_run.id}"))
     return ref
+
+
+def _fencing_env(flow_run_id) -> dict[str, str]:
+    """Which flow run and attempt the stage works for, and the API that says whether it still does
+    (nanochat_core/fencing.py asks before each checkpoint write). Environment only: no cache key sees it."""
+    if flow_run_id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        run_count = client.read_flow_run(flow_run_id).run_count
+    env = {fencing.FLOW_RUN_ID_ENV: str(flow_run_id), fencing.ATTEMPT_ENV: str(run_count)}
+    if url := PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = url
+    return env
 
 
 def _register(stage: str, ref: dict, run_id: str, logger) -> None:

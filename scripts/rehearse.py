@@ -197,7 +197,9 @@ def main() -> int:
     }
     env.pop("NANOCHAT_FLOW_CACHE", None)
     os.environ.update(env)  # this process reads S3, Prefect and MLflow too
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # the smoke deployment's command: `prefect flow-run execute`
+    # The smoke deployment's command, `prefect flow-run execute`, is found last: first on PATH the venv's
+    # python3 would hide pip's configured index from the corpus stage (measured: it failed on it).
+    env["PATH"] = f"{env.get('PATH', '')}:{BIN}"
     stack = Stack(root, env)
     started = time.time()
     print(f"rehearsal: logs in {root}", flush=True)
@@ -245,7 +247,7 @@ def start_postgres(stack: Stack, port: int) -> str:
     stack.start("postgres", [*as_user, str(PG_BIN / "postgres"), "-D", str(data / "db"), "-h", "127.0.0.1",
                              "-p", str(port), "-k", str(data), "-c", "fsync=off", "-c", "max_connections=200"],
                 cwd=data)
-    ready = wait_for(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+    ready = wait_for(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "nanochat"],
                                             capture_output=True).returncode == 0, 60)
     if not ready:
         raise RuntimeError(f"PostgreSQL did not start; see {stack.root}/postgres.log")
@@ -293,10 +295,14 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
 
     s3fs.S3FileSystem(anon=False).mkdir(BUCKET)
     stack.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                  "--workers", "1", "--backend-store-uri", f"postgresql://{pg}/mlflow",
+                                  "--workers", "1", "--backend-store-uri", f"postgresql+psycopg2://{pg}/mlflow",
                                   "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"])
-    check(bool(wait_for(lambda: answers(f"http://127.0.0.1:{prefect_port}/api/health"), 240)), "Prefect server healthy")
-    check(bool(wait_for(lambda: answers(f"http://127.0.0.1:{mlflow_port}/health"), 240)), "MLflow server healthy")
+    for name, url in (("prefect-server", f"http://127.0.0.1:{prefect_port}/api/health"),
+                      ("mlflow-server", f"http://127.0.0.1:{mlflow_port}/health")):
+        proc = stack.procs[name]
+        up = wait_for(lambda: answers(url) or proc.poll() is not None, 240) and proc.poll() is None
+        if not check(up, f"{name} healthy on PostgreSQL", "" if up else f"it exited; see {root}/{name}.log"):
+            raise RuntimeError(f"{name} did not start")
     prefect("work-pool", "create", "local", "--type", "process")
     subprocess.run([sys.executable, "-m", "flows.automations"], cwd=REPO, check=True, capture_output=True)
     prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "smoke")

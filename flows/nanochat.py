@@ -141,7 +141,7 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         if recoverable and isinstance(error, Exception):
             # A failed stage ends the attempt Crashed while attempts are left (the automation runs it
             # again), else Failed with one line naming every attempt.
-            state = recovery.after_failure(ctx.flow_run.id, attempt, error)
+            state = recovery.after_failure(ctx.flow_run.id, attempt, error, started)
             logger.error(state.message)
             return state
         raise

@@ -34,7 +34,9 @@ import os
 from uuid import UUID
 
 from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State
+from prefect.exceptions import UnfinishedRun
 from prefect.states import Cancelled, Crashed, Failed
 
 from nanochat_core.errors import UserError
@@ -98,16 +100,30 @@ def gave_up(bound: int, ended: list[str]) -> str:
     return f"gave up after {len(ended)} attempts, the most {MAX_ATTEMPTS_ENV}={bound} allows: {listed}"
 
 
-def after_failure(flow_run_id: UUID, attempt: int, error: Exception) -> State:
+def after_failure(flow_run_id: UUID, attempt: int, error: Exception, since: float) -> State:
     """The state a failed attempt ends in: Crashed (the automation runs it again) while attempts are
-    left, else Failed with the line naming every attempt."""
+    left, else Failed with the line naming every attempt. `since`: when this attempt began (epoch s)."""
     reason = one_line(error)
+    if isinstance(error, UnfinishedRun):  # a stage that never ran because one before it failed: name that one
+        reason = first_failed_task(flow_run_id, since) or reason
     bound = max_attempts()
     if attempt < bound:
         return Crashed(message=f"attempt {attempt} of {bound}: {reason}; the run goes back to the pool")
     with get_client(sync_client=True) as client:
         ended = attempts(client.read_flow_run_states(flow_run_id))
     return Failed(message=gave_up(bound, [*ended, f"Failed ({reason})"]))
+
+
+def first_failed_task(flow_run_id: UUID, since: float) -> str | None:
+    """`<task>: <last line of its failure>` for the first task run of this attempt that failed."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
+    failed = sorted((t for t in runs if t.state and t.state.is_failed() and t.state.timestamp.timestamp() >= since),
+                    key=lambda t: t.state.timestamp)
+    if not failed:
+        return None
+    lines = [line.strip() for line in (failed[0].state.message or "").splitlines() if line.strip()]
+    return f"{failed[0].name}: {lines[-1][:200] if lines else 'failed'}"
 
 
 def one_line(error: BaseException) -> str:

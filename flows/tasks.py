@@ -105,7 +105,8 @@ def claim_node_devices() -> str:
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=1)
         for name in release_orphaned_devices(client, tag):
-            get_run_logger().warning(f"{name} was still Running on {tag} in a flow run that is over: marked Crashed")
+            get_run_logger().warning(f"{name} was still Running on {tag} in a flow run (or attempt) that is over: "
+                                     "marked Crashed")
     return tag
 
 
@@ -124,10 +125,21 @@ def release_orphaned_devices(client, tag: str) -> list[str]:
                                       state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))),
         sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200,
     )
-    orphans = [t for t in running if t.flow_run_id and client.read_flow_run(t.flow_run_id).state.is_final()]
+    orphans = [t for t in running if t.flow_run_id and _attempt_is_over(client, t)]
     for t in orphans:
         client.set_task_run_state(t.id, Crashed(message="its flow run ended while it ran (the node died)"), force=True)
     return [t.name for t in orphans]
+
+
+def _attempt_is_over(client, task_run) -> bool:
+    """The task run's flow run is over, or is running a later attempt (recovered by flows/recovery.py:
+    the same flow-run id entered Running again after this task run started)."""
+    flow_run = client.read_flow_run(task_run.flow_run_id)
+    if flow_run.state.is_final():
+        return True
+    started = task_run.start_time or task_run.expected_start_time
+    runs = [s.timestamp for s in client.read_flow_run_states(flow_run.id) if s.name == "Running"]
+    return bool(started and runs and max(runs) > started)
 
 
 def processes(cfg: PipelineConfig, stage: str) -> tuple[int, int]:

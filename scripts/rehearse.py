@@ -9,9 +9,10 @@ own), `prefect server start` and `mlflow server` (both on PostgreSQL, MLflow's a
 and process workers. The `smoke` deployment of deployments/prefect.yaml runs the tiny preset with
 `devices_per_node: 2` (every torch stage is `torchrun --nproc_per_node=2`, gloo: d20's topology at toy
 scale) and its base dir on S3. One run meets two preemptions and nobody types a command after the first:
-1. mid-base_train, worker 1 and its `prefect flow-run execute` get SIGTERM (notice) and GRACE_S to go;
-   the run goes back to the pool (AwaitingRetry) and worker 2 runs attempt 2: the line says how many
-   steps were lost (0 when the stage checkpoints on notice; up to one checkpoint interval otherwise);
+1. mid-base_train, node 1 gets notice: its `prefect flow-run execute` gets SIGTERM and GRACE_S to go (its
+   worker takes no more work: Stack.notice says why it is frozen rather than SIGTERMed); the run goes back
+   to the pool (AwaitingRetry) and worker 2 runs attempt 2: the line says how many steps were lost (0
+   when the stage checkpoints on notice; up to one checkpoint interval otherwise);
 2. later, worker 2 and everything under it get SIGKILL (the node dies); the heartbeat automation marks
    the run Crashed, the recovery automation schedules it, worker 3 continues from the last checkpoint.
 The run then completes; its losses are compared with base_train run uninterrupted (same settings, same
@@ -109,18 +110,25 @@ class Stack:
         return len(victims)
 
     def notice(self, name: str, grace: float) -> tuple[int, int]:
-        """SIGTERM a worker and its flow runs' `prefect flow-run execute` (what a kubelet or a shutting-down
-        node signals), then SIGKILL whatever of the tree is left after `grace` s: (signalled, killed)."""
+        """A node given notice: its flow runs' `prefect flow-run execute` (what Kubernetes or docker signal,
+        a job's main process) get SIGTERM, and the worker takes no more work; whatever of the tree is left
+        after `grace` s gets SIGKILL with the worker (the node is gone). Returns (signalled, killed).
+
+        The worker is frozen (SIGSTOP), not SIGTERMed: a SIGTERMed process worker keeps polling until its
+        runs end and took the rescheduled run back itself 4 s later (measured, prefect 3.8.8), and one
+        that exits breaks its flow runs' output pipes, after which the run ended Crashed, not rescheduled.
+        """
         root = self.procs[name].pid
-        tree = [root, *descendants(root)]
-        signalled = [root, *(p for p in tree if b"flow-run\0execute" in _cmdline(p))]
+        tree = descendants(root)
+        signalled = [p for p in tree if b"flow-run\0execute" in _cmdline(p)]
+        _signal(root, signal.SIGSTOP)
         for pid in signalled:
             _signal(pid, signal.SIGTERM)
         deadline = time.time() + grace
         while time.time() < deadline and any(_alive(p) for p in tree):
             time.sleep(1)
         left = [p for p in tree if _alive(p)]
-        for pid in left:
+        for pid in [root, *left]:
             _signal(pid, signal.SIGKILL)
         self.procs[name].wait()
         return len(signalled), len(left)
@@ -276,7 +284,7 @@ def resumed_step(path: Path) -> int | None:
 def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port: int, mlflow_port: int,
              base: str) -> None:
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from pydantic import TypeAdapter
 
     from nanochat_core import checkpoint, storage
@@ -328,6 +336,24 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
         run = run_of(run_id)
         return run.run_count >= attempt and run.state.is_running()
 
+    def first_state(run_id: str, name: str, after: float):
+        """Seconds from `after` to the run's first `name` state after it (the server's timestamps)."""
+        stamps = [s.timestamp.timestamp() for s in client.read_flow_run_states(run_id) if s.name == name]
+        return next((round(t - after) for t in sorted(stamps) if t >= after), None)
+
+    def steps_logged(run_id: str, before: float) -> list[int]:
+        """base_train's steps in the run's logs on the API (the flow ships them itself) before `before`."""
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
+                                offset=0)
+        found, offset = [], 0
+        while logs:
+            found += [int(m.group(1)) for log in logs if log.timestamp.timestamp() < before
+                      for m in STEP_RE.finditer(log.message)]
+            offset += len(logs)
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
+                                    offset=offset)
+        return found
+
     # --- one run, two preemptions, one command ------------------------------------------------------
     log1 = worker("worker-1")
     run_id = run_deployment(CFG)
@@ -339,15 +365,21 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     signalled, killed = stack.notice("worker-1", GRACE_S)
     noticed = time.time()
     back = wait_for(lambda: attempt_running(run_id, 2), 600, every=1)
-    recovered_s = time.time() - noticed
-    reached = max(log_steps(log1), default=0)
     resumed = wait_for(lambda: resumed_step(log2), 300, every=1)
+    # What attempt 1 trained: its lines in the worker's log (which stops when the worker does) and on the
+    # API (which the flow process ships until it ends), before attempt 2 began.
+    second = min((s.timestamp.timestamp() for s in client.read_flow_run_states(run_id) if s.name == "Running"
+                  and s.timestamp.timestamp() > noticed), default=time.time())
+    reached = max([*log_steps(log1), *steps_logged(run_id, second)], default=0)
     lost = reached - resumed if resumed is not None else None
     check(bool(back) and resumed is not None,
           f"SIGTERM with {GRACE_S} s grace mid-base_train: the run lost {lost} steps and continued without a command "
           "on the second worker",
-          f"attempt 1 reached step {reached}, attempt 2 resumed from step {resumed}; {signalled} processes got "
-          f"SIGTERM, {killed} were left for SIGKILL; attempt 2 Running {recovered_s:.0f} s after the notice")
+          f"attempt 1 reached step {reached}, attempt 2 resumed from step {resumed}; {signalled} flow-run process got "
+          f"SIGTERM, {killed} processes were left for SIGKILL; back in the pool as "
+          + (f"AwaitingRetry after {waiting} s" if (waiting := first_state(run_id, 'AwaitingRetry', noticed)) is not None
+             else f"Crashed, then Recovering, after {first_state(run_id, 'Recovering', noticed)} s") + ", "
+          f"attempt 2 Running after {second - noticed:.0f} s")
 
     # --- the second node dies without notice once it has a checkpoint of its own ---------------------
     if not wait_for(lambda: (checkpoint.latest_step(ckpt) or 0) > (resumed or 0) and
@@ -357,16 +389,15 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     log3 = worker("worker-3")
     killed = stack.kill_tree("worker-2")
     died = time.time()
-    crashed = wait_for(lambda: run_of(run_id).state.is_crashed() or run_of(run_id).run_count >= 3, 300, every=1)
-    crashed_s = time.time() - died
     back = wait_for(lambda: attempt_running(run_id, 3), 600, every=1)
-    recovered_s = time.time() - died
+    crashed_s, recovering_s = first_state(run_id, "Crashed", died), first_state(run_id, "Recovering", died)
+    recovered_s = first_state(run_id, "Running", died)
     resumed3 = wait_for(lambda: resumed_step(log3), 300, every=1)
-    check(bool(crashed) and bool(back) and resumed3 == killed_at_step,
+    check(crashed_s is not None and bool(back) and resumed3 == killed_at_step,
           f"SIGKILL of worker 2: the run continued without a command from the last periodic checkpoint (step "
           f"{resumed3}) on the third worker",
-          f"{killed} processes killed at checkpoint {killed_at_step}; Crashed after {crashed_s:.0f} s, attempt 3 "
-          f"Running after {recovered_s:.0f} s")
+          f"{killed} processes killed at checkpoint {killed_at_step}; Crashed after {crashed_s} s, Recovering after "
+          f"{recovering_s} s, attempt 3 Running after {recovered_s} s")
 
     final = wait_for(lambda: run_of(run_id).state if run_of(run_id).state.is_final() else None, 900, every=2)
     final = run_of(run_id)
@@ -414,7 +445,7 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     bad_id = run_deployment(bad)
     started = time.time()
     wait_for(lambda: run_of(bad_id).state.is_final() and not run_of(bad_id).state.is_crashed(), 600, every=2)
-    time.sleep(15)  # an automation that would (wrongly) answer the Failed state has time to show it
+    time.sleep(5)  # an automation that would (wrongly) answer the Failed state has time to show it (it takes <1 s)
     run = run_of(bad_id)
     message = run.state.message or ""
     check(run.state.is_failed() and run.run_count == MAX_ATTEMPTS and "\n" not in message

@@ -10,9 +10,11 @@ are one run in the UI and its `run_count` (incremented each time it enters Runni
   proposes AwaitingRetry, then SIGTERMs the flow process and waits 30 s before SIGKILL (prefect's
   cli/flow_run.py and runner/_process_manager.py: `kill(grace_seconds=30)`). The flow's interruption
   handler stops its stages with launch.stop_all, which gives a torch stage its grace to write a
-  checkpoint on notice. The run is back in the pool before that checkpoint is written; fencing lets the
-  writing attempt finish it (nanochat_core/fencing.py) and a successor's stage starts ~20 s later at the
-  earliest (worker poll, process start, cached lookups), measured in the rehearsal.
+  checkpoint on notice. The run is back in the pool before that checkpoint is written (Prefect's order):
+  a free worker took it 4 s after AwaitingRetry and its attempt was Running 14 s after, while the old
+  flow was still stopping (a probe flow with an 8 s stop, this machine, Dec 2026). Fencing
+  (nanochat_core/fencing.py) lets the old attempt write until the new one is Running; a notice checkpoint
+  that comes later is refused and the new attempt continues from the periodic one before it.
 - Death: the heartbeat automation marks Crashed a run whose node stopped beating; the recovery
   automation (flows/automations.py) answers every Crashed nanochat run with a forced Scheduled state
   named `Recovering`. A stage that fails ends its attempt Crashed too, with the failure as message:

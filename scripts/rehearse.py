@@ -362,8 +362,8 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     if not wait_for(lambda: any(s >= 20 for s in log_steps(log1)), 900, every=1):
         raise RuntimeError(f"base_train never reached step 20 on worker-1; see {log1}")
     log2 = worker("worker-2")  # the pool's free worker
-    signalled, killed = stack.notice("worker-1", GRACE_S)
     noticed = time.time()
+    signalled, killed = stack.notice("worker-1", GRACE_S)
     back = wait_for(lambda: attempt_running(run_id, 2), 600, every=1)
     resumed = wait_for(lambda: resumed_step(log2), 300, every=1)
     # What attempt 1 trained: its lines in the worker's log (which stops when the worker does) and on the

@@ -217,9 +217,9 @@ def main() -> int:
         check(False, "the rehearsal ran to its end", f"{type(e).__name__}: {e}")
     finally:
         stack.stop_all()
+        for path in stack.cleanup:  # PostgreSQL's cluster, even after Ctrl-C
+            shutil.rmtree(path, ignore_errors=True)
     leftover = [name for name, p in stack.procs.items() if p.poll() is None]
-    for path in stack.cleanup:
-        shutil.rmtree(path, ignore_errors=True)
     check(not leftover, "every process the rehearsal started is stopped", ", ".join(leftover))
     print(f"rehearsal: {check.passed} passed, {check.failed} failed in {time.time() - started:.0f} s", flush=True)
     if not check.failed:

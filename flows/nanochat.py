@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
+from flows import recovery
 from flows.tasks import claim_node_devices, claim_result_storage, settings, stage_task
 from nanochat_core import hardware, launch, tracking
 from nanochat_core.config import SAMPLE_SOURCE, PipelineConfig, flatten
@@ -54,6 +55,16 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
                              "cfg.<stage>.device_type = cpu for each torch stage")
     logger = get_run_logger()
     ctx = FlowRunContext.get()
+    # Recovery (flows/recovery.py) is for deployment runs, which a pool can run again; past the
+    # deployment's bound, or cancelled by a person, the run ends here.
+    recoverable = ctx.flow_run.deployment_id is not None
+    attempt, stop = recovery.begin_attempt(ctx.flow_run.id) if recoverable else (1, None)
+    if stop is not None:
+        logger.error(stop.message)
+        return stop
+    if attempt > 1:
+        logger.info(f"attempt {attempt} of at most {recovery.max_attempts()}: finished stages are Cached, "
+                    "training continues from its latest checkpoint")
     started = time.time()
     parent = tracking.start_pipeline_run(f"{cfg.preset}-{ctx.flow_run.name}", flatten(cfg),
                                          {"preset": cfg.preset}, flow_run_id=str(ctx.flow_run.id))
@@ -116,11 +127,23 @@ def nanochat(cfg: PresetConfig = PipelineConfig(), skip: list[str] = [], refresh
         _track_cached(parent, {**refs, **head_ref})
         tracking.log_headline(parent, tracking.headline_metrics(
             refs, time.time() - started, cfg.plan.usd_per_gpu_hour, max(1, hardware.node_devices())))
-    except BaseException:
+    except BaseException as error:
         # A cancelled or interrupted run (Prefect's SIGTERM, Ctrl-C) lands here first: stop every stage
-        # process now, whatever it is doing, so none keeps the devices after the run ends.
+        # process now, so none keeps the devices after the run ends; a torch stage gets launch.stop_all's
+        # grace to write a checkpoint on notice first.
+        if recoverable and not isinstance(error, Exception):
+            logger.warning("cancelled by a person: stopping the stages; the run will not be recovered"
+                           if recovery.interrupted_by_a_person(ctx.flow_run.id) else
+                           "interrupted (preemption notice?): stopping the stages, which checkpoint if they can; "
+                           "the run goes back to the pool")
         launch.stop_all()
         tracking.end_run(parent, "FAILED")
+        if recoverable and isinstance(error, Exception):
+            # A failed stage ends the attempt Crashed while attempts are left (the automation runs it
+            # again), else Failed with one line naming every attempt.
+            state = recovery.after_failure(ctx.flow_run.id, attempt, error, started)
+            logger.error(state.message)
+            return state
         raise
     tracking.end_run(parent)
     return {"mlflow_run_id": parent, "refs": refs}

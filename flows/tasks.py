@@ -27,10 +27,11 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import get_result_store
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, Completed, Crashed
 
 from flows.cache import StageCache
-from nanochat_core import hardware, mlflow_model, tracking
+from nanochat_core import fencing, hardware, mlflow_model, tracking
 from nanochat_core.artifacts import digest_of
 from nanochat_core.config import PipelineConfig, flatten
 from nanochat_core.data.user_files import list_files, listing_key
@@ -104,7 +105,8 @@ def claim_node_devices() -> str:
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=1)
         for name in release_orphaned_devices(client, tag):
-            get_run_logger().warning(f"{name} was still Running on {tag} in a flow run that is over: marked Crashed")
+            get_run_logger().warning(f"{name} was still Running on {tag} in a flow run (or attempt) that is over: "
+                                     "marked Crashed")
     return tag
 
 
@@ -123,10 +125,21 @@ def release_orphaned_devices(client, tag: str) -> list[str]:
                                       state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))),
         sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200,
     )
-    orphans = [t for t in running if t.flow_run_id and client.read_flow_run(t.flow_run_id).state.is_final()]
+    orphans = [t for t in running if t.flow_run_id and _attempt_is_over(client, t)]
     for t in orphans:
         client.set_task_run_state(t.id, Crashed(message="its flow run ended while it ran (the node died)"), force=True)
     return [t.name for t in orphans]
+
+
+def _attempt_is_over(client, task_run) -> bool:
+    """The task run's flow run is over, or is running a later attempt (recovered by flows/recovery.py:
+    the same flow-run id entered Running again after this task run started)."""
+    flow_run = client.read_flow_run(task_run.flow_run_id)
+    if flow_run.state.is_final():
+        return True
+    started = task_run.start_time or task_run.expected_start_time
+    runs = [s.timestamp for s in client.read_flow_run_states(flow_run.id) if s.name == "Running"]
+    return bool(started and runs and max(runs) > started)
 
 
 def processes(cfg: PipelineConfig, stage: str) -> tuple[int, int]:
@@ -158,6 +171,7 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
     # ends, fails or is stopped (so a failed run keeps its curve up to the failure).
     live = tracking.LiveMetrics(run_id) if run_id else None
     env = {"NANOCHAT_MLFLOW_RUN_ID": run_id, **live.env} if live else {}
+    env.update(_fencing_env(task_run.flow_run_id))
     # System metrics (CPU, memory, GPU) only where they tell something: the long training stages.
     monitor = tracking.SystemMetrics(run_id) if run_id and record.resumable else contextlib.nullcontext()
     started = time.monotonic()
@@ -194,6 +208,19 @@ def _execute(stage: str, cfg: PipelineConfig, inputs: dict[str, dict], parent_ru
                        "not cached: the next run asks the registry again")
         return Completed(data=get_result_store().create_result_record(ref, key=f"degraded-{task_run.id}"))
     return ref
+
+
+def _fencing_env(flow_run_id) -> dict[str, str]:
+    """Which flow run and attempt the stage works for, and the API that says whether it still does
+    (nanochat_core/fencing.py asks before each checkpoint write). Environment only: no cache key sees it."""
+    if flow_run_id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        run_count = client.read_flow_run(flow_run_id).run_count
+    env = {fencing.FLOW_RUN_ID_ENV: str(flow_run_id), fencing.ATTEMPT_ENV: str(run_count)}
+    if url := PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = url
+    return env
 
 
 def _register(stage: str, ref: dict, run_id: str, logger) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nanochat_core import storage
+from nanochat_core import fencing, storage
 from nanochat_core.artifacts import digest_of
 from nanochat_core.errors import UserError
 from nanochat_core.model.gpt import GPTConfig, build_model
@@ -128,8 +128,10 @@ def save_checkpoint(ckpt_dir: str, step: int, rank: int, model_state: dict | Non
     """Every rank calls this: each writes its own rank file; rank 0 then writes model and meta.
 
     `model_state` and `meta` are only needed on rank 0. Older complete checkpoints beyond
-    `keep_last` are deleted after the new one is committed.
+    `keep_last` are deleted after the new one is committed. A rank whose flow run has moved on to another
+    attempt raises `fencing.Fenced` before writing anything (nanochat_core/fencing.py).
     """
+    fencing.check_owner(f"checkpoint step {step} of {ckpt_dir}")
     _save_torch(join(ckpt_dir, optim_file(step, rank)), rank_state)
     barrier()  # every rank's file exists before the meta commits the step
     if rank == 0:

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 UV_VERSION=0.13.8
 # Debian packages the pipeline and its tests call at run time.
 # chromium: the headless browser the chat page's test drives through playwright (its own download can't work offline).
-DEBIAN_PACKAGES=(ca-certificates chromium)
+# postgresql: the database of the rehearsal's Prefect and MLflow servers (scripts/rehearse.py), as a team's.
+DEBIAN_PACKAGES=(ca-certificates chromium postgresql)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -31,6 +32,7 @@ if ! command -v uv >/dev/null || [ "$(uv --version | cut -d' ' -f2)" != "$UV_VER
   export PATH="$HOME/.local/bin:$PATH"
 fi
 
-# --frozen: install exactly what uv.lock pins, never re-resolve on a user's machine.
-uv sync --frozen --python 3.11
+# --frozen: install exactly what uv.lock pins, never re-resolve on a user's machine. The `server` group
+# (psycopg2 for MLflow on PostgreSQL; the worker image installs it too) serves the rehearsal's servers.
+uv sync --frozen --group server --python 3.11
 echo "setup: ready — $(./.venv/bin/python -c 'import tokenizer_rs, torch; print(f"tokenizer_rs {tokenizer_rs.version()}, torch {torch.__version__}")')"

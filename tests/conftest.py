@@ -20,11 +20,13 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.mktemp("base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     yield base
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI for child processes (monkeypatch restores
     # only what it changed): left set, one test's in-process registration sends every later speedrun's
     # runs into that test's store.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -97,7 +97,7 @@ if ! head -c 4 "$UV_BIN" 2>/dev/null | grep -q ELF; then
 fi
 # The base and the locked environment change only with these; the worker image is rebuilt every run
 # (the legacy builder's layer cache makes that seconds when the code did not change).
-TAG=$(cat uv.lock pyproject.toml docker/Dockerfile.rehearsal <(echo "$BASE_PACKAGES $MOTO $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
+TAG=$(cat uv.lock pyproject.toml <(echo "$BASE_PACKAGES $MOTO $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
 BASE_IMAGE=nanochat-rehearsal/base:$TAG
 DEPS_IMAGE=nanochat-rehearsal/deps:$TAG
 WORKER_IMAGE=nanochat-rehearsal/worker:$TAG
@@ -183,9 +183,10 @@ build_images() {
       --interpreter /usr/bin/python3.11 --out "$ctx/wheels" \
     && "$UV_BIN" build --quiet --wheel --out-dir "$ctx/wheels" .; } >"$LOGS/wheels.log" 2>&1 \
     || { check FAIL "tokenizer_rs (maturin) and nanochat-flow wheels built on the host" "$LOGS/wheels.log"; return 1; }
-  DOCKER_BUILDKIT=0 docker build -f docker/Dockerfile.rehearsal --build-arg "DEPS_IMAGE=$DEPS_IMAGE" \
+  DOCKER_BUILDKIT=0 docker build -f docker/Dockerfile.rehearsal --build-arg "DEPS_IMAGE=$DEPS_IMAGE" --label "$LABEL" \
     --build-arg "GIT_SHA=$(git rev-parse HEAD 2>/dev/null)" -t "$WORKER_IMAGE" "$ctx" >"$LOGS/build.log" 2>&1 \
     || { check FAIL "worker image from docker/Dockerfile.rehearsal" "$LOGS/build.log"; return 1; }
+  docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1  # earlier builds' untagged layers
   local size
   size=$(docker image inspect -f '{{.Size}}' "$WORKER_IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')
   check ok "worker image $WORKER_IMAGE ($size, $(grep -o 'torch [0-9.+a-z]*' "$LOGS/build.log" | tail -1)) in $(( $(date +%s) - t0 )) s"

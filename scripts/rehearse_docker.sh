@@ -97,7 +97,8 @@ if ! head -c 4 "$UV_BIN" 2>/dev/null | grep -q ELF; then
 fi
 # The base and the locked environment change only with these; the worker image is rebuilt every run
 # (the legacy builder's layer cache makes that seconds when the code did not change).
-TAG=$(cat uv.lock pyproject.toml <(echo "$BASE_PACKAGES $MOTO $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
+IMAGES_VERSION=2  # bump when what build_root / build_envs put into the images changes
+TAG=$(cat uv.lock pyproject.toml <(echo "$IMAGES_VERSION $BASE_PACKAGES $MOTO $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
 BASE_IMAGE=nanochat-rehearsal/base:$TAG
 DEPS_IMAGE=nanochat-rehearsal/deps:$TAG
 WORKER_IMAGE=nanochat-rehearsal/worker:$TAG
@@ -131,6 +132,8 @@ build_envs() {
   # In a container of the base: uv installs uv.lock's environment into the root file system's /app/.venv
   # and moto into its /opt/moto, from the host's uv cache. Both folders lie on the cache's file system
   # (reached through symlinks at the paths the image will have), so uv hard-links instead of copying 6 GB;
+  # Bytecode is compiled now (UV_COMPILE_BYTECODE): the image's user cannot write __pycache__ into the
+  # environment, and without it every process would compile prefect, mlflow and torch again (~a minute).
   # what the cache lacks (a marker of Debian's Python 3.11.2 pulls async-timeout) comes from the index
   # the host's uv uses, through the host's CA bundle.
   local rootfs=$1 rel=${1#"$HOME/.cache/"} ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
@@ -141,7 +144,7 @@ build_envs() {
   docker run --rm --label "$LABEL" --network host \
     -v "$HOME/.cache:/cache" -v "$REPO:/src:ro" -v "$ca:/etc/ssl/host-ca.crt:ro" -w /src \
     -e SSL_CERT_FILE=/etc/ssl/host-ca.crt -e UV_CACHE_DIR="/cache/${uv_cache#"$HOME/.cache/"}" \
-    -e UV_PYTHON=/usr/bin/python3.11 -e UV_PYTHON_DOWNLOADS=never -e UV_LINK_MODE=hardlink -e UV_NO_CONFIG=1 \
+    -e UV_PYTHON=/usr/bin/python3.11 -e UV_PYTHON_DOWNLOADS=never -e UV_LINK_MODE=hardlink -e UV_COMPILE_BYTECODE=1 -e UV_NO_CONFIG=1 \
     -e UV_PROJECT_ENVIRONMENT=/app/.venv -e UV_INDEX_URL -e UV_DEFAULT_INDEX -e PIP_INDEX_URL \
     "$BASE_IMAGE" bash -euc "
       mkdir -p /cache/$rel/app /cache/$rel/opt/moto

@@ -87,14 +87,17 @@ def deployment_run(c: dict, skip: list[str], name: str) -> str:
     return found.group(1)
 
 
-def host_of(flow_run_id: str, timeout: float = 300) -> str:
+def host_of(hosts: dict[str, str], exclude: str | None = None, timeout: float = 300) -> str:
+    """The worker (hostname) whose container runs a flow run now: one with a `prefect.engine` process (the
+    process worker's child for a flow run). The rehearsal runs one flow run at a time, so that is the run
+    just started; `exclude` leaves out a cut-off worker whose old flow run may still be alive."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        host = probe("run-info", flow_run_id)["host"]
-        if host:
-            return host
-        time.sleep(2)
-    raise RuntimeError(f"no worker took flow run {flow_run_id} within {timeout:.0f} s")
+        for host, name in hosts.items():
+            if host != exclude and any("prefect.engine" in ln for ln in docker("top", name, "-eo", "pid,args").stdout.splitlines()):
+                return host
+        time.sleep(1)
+    raise RuntimeError(f"no worker took the flow run within {timeout:.0f} s")
 
 
 def stage_processes(name: str) -> list[str]:
@@ -113,13 +116,12 @@ def save_logs() -> None:
 
 
 def main() -> int:
-    workers = {container(s): s for s in ("worker", "worker-2")}  # container name -> service
     hosts = {"worker-1": container("worker"), "worker-2": container("worker-2")}  # hostname -> container
     try:
         out = docker("exec", container("worker"), "python", "-m", "flows.automations")
         check(out.returncode == 0, "heartbeat automation created (python -m flows.automations)",
               (out.stdout or out.stderr).strip()[-200:])
-        reference = uninterrupted()
+        reference = uninterrupted(hosts)
         if reference:
             killed(hosts, reference)
             partition(hosts, reference)
@@ -127,14 +129,13 @@ def main() -> int:
         check(False, "the rehearsal's checks ran to their end", f"{type(e).__name__}: {e}")
     finally:
         save_logs()
-    del workers
     return 0
 
 
-def uninterrupted() -> list[float] | None:
+def uninterrupted(hosts: dict[str, str]) -> list[float] | None:
     t0 = time.time()
     run = deployment_run(cfg(), [], "uninterrupted")
-    host = host_of(run)
+    host = host_of(hosts)
     state = probe("wait-state", run, "1500", "final", timeout=1600)
     tasks = state["tasks"]
     ok = check(state["state"] == "Completed",
@@ -156,25 +157,27 @@ def uninterrupted() -> list[float] | None:
     return reference if ok and len(reference) == STEPS else None
 
 
-def interrupted_run(name: str, out: str) -> tuple[str, str, int]:
+def interrupted_run(hosts: dict[str, str], name: str, out: str) -> tuple[str, str, int]:
     """Start run `name` with base_train writing to `out`; return (flow run, its worker's container, the step
     of the first checkpoint on S3) once base_train has one."""
     run = deployment_run(cfg(out), SKIP, name)
-    host = host_of(run)
+    host = host_of(hosts)
     step = probe("wait-checkpoint", out, "900", timeout=960)
     if not step:
         raise RuntimeError(f"{name}: base_train wrote no checkpoint to {out} within 900 s")
     return run, host, step
 
 
-def rerun_and_compare(name: str, out: str, c: dict, step: int, reference: list[float], gone: str) -> tuple[str, dict]:
+def rerun_and_compare(hosts: dict[str, str], name: str, out: str, step: int, reference: list[float],
+                      gone: str) -> None:
     t0 = time.time()
-    rerun = deployment_run(c, SKIP, f"{name}-rerun")
+    rerun = deployment_run(cfg(out), SKIP, f"{name}-rerun")
+    host = host_of(hosts, exclude=gone)
     state = probe("wait-state", rerun, "1200", "final", timeout=1300)
     tasks = state["tasks"]
     cached = [t for t in ("corpus", "download[:3]", "download", "tok_train") if tasks.get(t) == "Cached"]
-    check(state["state"] == "Completed" and state["host"] != gone,
-          f"{name}: the re-run (one `prefect deployment run`) completed on the other worker, {state['host']}",
+    check(state["state"] == "Completed" and host != gone,
+          f"{name}: the re-run (one `prefect deployment run`) completed on the other worker, {host}",
           f"{state['state']} in {time.time() - t0:.0f} s; Cached: {', '.join(cached) or 'none'}"
           + ("" if state["state"] == "Completed" else f"; {state['message']}"))
     got = probe("losses", out)
@@ -184,12 +187,11 @@ def rerun_and_compare(name: str, out: str, c: dict, step: int, reference: list[f
           f"uninterrupted run's loss",
           f"final {got['losses'][-1:]} vs {reference[-1:]}, {len(got['losses'])} steps"
           + ("" if same else ", the losses differ"))
-    return rerun, state
 
 
 def killed(hosts: dict[str, str], reference: list[float]) -> None:
     out = f"{BASE}/killed/d2"
-    run, host, step = interrupted_run("killed", out)
+    run, host, step = interrupted_run(hosts, "killed", out)
     victim = hosts[host]
     procs = len(stage_processes(victim))
     docker("kill", victim)
@@ -199,7 +201,7 @@ def killed(hosts: dict[str, str], reference: list[float]) -> None:
     crashed = probe("wait-state", run, "300", "crashed", timeout=360)
     check(crashed["reached"], "killed: Prefect marked the dead worker's run Crashed (heartbeat automation)",
           f"{crashed['state']} {time.time() - died:.0f} s after the kill")
-    rerun_and_compare("killed", out, cfg(out), step, reference, host)
+    rerun_and_compare(hosts, "killed", out, step, reference, host)
     # The partition needs two workers again: the killed container starts afresh (a replaced node).
     docker("start", victim)
 
@@ -207,7 +209,7 @@ def killed(hosts: dict[str, str], reference: list[float]) -> None:
 def partition(hosts: dict[str, str], reference: list[float]) -> None:
     out = f"{BASE}/partition/d2"
     wait_healthy(list(hosts.values()), 240)
-    run, host, step = interrupted_run("partition", out)
+    run, host, step = interrupted_run(hosts, "partition", out)
     victim = hosts[host]
     before = len(stage_processes(victim))
     docker("network", "disconnect", NETWORK, victim)
@@ -218,8 +220,7 @@ def partition(hosts: dict[str, str], reference: list[float]) -> None:
     check(crashed["reached"], f"partition: {host} cut off (docker network disconnect) mid-base_train; run marked Crashed",
           f"detected in {detected:.0f} s (heartbeat automation); checkpoint step {step}; "
           f"{alive} of {before} torchrun/stage processes still alive there")
-    takeover = time.time()
-    rerun, _ = rerun_and_compare("partition", out, cfg(out), step, reference, host)
+    rerun_and_compare(hosts, "partition", out, step, reference, host)
     finished = time.time()
     before_reconnect = probe("objects", out)
     docker("network", "connect", NETWORK, victim)
@@ -238,7 +239,6 @@ def partition(hosts: dict[str, str], reference: list[float]) -> None:
     check(not verified["unreadable"] and set(verified["loaded"]) and got["losses"] == reference,
           "partition: after reconnecting nothing is corrupted (every checkpoint loads, losses as uninterrupted)",
           f"steps {verified['steps']}, unreadable {verified['unreadable']}")
-    del takeover, rerun
 
 
 def wait_healthy(names: list[str], timeout: float) -> None:

@@ -3,8 +3,8 @@
 the stack's S3 as any node does and prints one JSON value. Never run on the host.
 
     wait-checkpoint DIR TIMEOUT       first complete checkpoint step in DIR (null on timeout)
-    wait-state FLOW_RUN TIMEOUT KIND  the flow run's state once it is KIND (crashed | final), with its host
-    run-info FLOW_RUN                 state, host (infrastructure_pid's hostname), task-run states
+    wait-state FLOW_RUN TIMEOUT KIND  the flow run's state once it is KIND (crashed | final), task-run states
+    run-info FLOW_RUN                 its state and task-run states
     losses DIR                        train/loss per step from DIR/metrics.jsonl, and DIR/result.json
     objects DIR                       every object under DIR: name -> [LastModified (epoch s), size]
     verify DIR                        each complete checkpoint loads (model, meta, every rank's optimizer)
@@ -42,7 +42,6 @@ def _info(client, flow_run_id: str) -> dict:
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
     return {"state": run.state.name if run.state else None, "type": run.state.type.value if run.state else None,
             "message": (run.state.message or "")[:300] if run.state else "",
-            "host": (run.infrastructure_pid or "").split(":")[0],
             "tasks": {t.name: t.state.name if t.state else "?" for t in tasks}}
 
 

@@ -182,9 +182,10 @@ build_images() {
   rm -rf "$ctx"; mkdir -p "$ctx/wheels"
   cp -a pyproject.toml uv.lock README.md nanochat_core flows deployments "$ctx/"
   find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
-  { .venv/bin/maturin build --release --quiet --manifest-path tokenizer_rs/Cargo.toml --compatibility linux \
+  # Reproducible wheels (fixed zip timestamps), so that an unchanged tree hits the builder's layer cache.
+  { SOURCE_DATE_EPOCH=315532800 .venv/bin/maturin build --release --quiet --manifest-path tokenizer_rs/Cargo.toml --compatibility linux \
       --interpreter /usr/bin/python3.11 --out "$ctx/wheels" \
-    && "$UV_BIN" build --quiet --wheel --out-dir "$ctx/wheels" .; } >"$LOGS/wheels.log" 2>&1 \
+    && SOURCE_DATE_EPOCH=315532800 "$UV_BIN" build --quiet --wheel --out-dir "$ctx/wheels" .; } >"$LOGS/wheels.log" 2>&1 \
     || { check FAIL "tokenizer_rs (maturin) and nanochat-flow wheels built on the host" "$LOGS/wheels.log"; return 1; }
   DOCKER_BUILDKIT=0 docker build -f docker/Dockerfile.rehearsal --build-arg "DEPS_IMAGE=$DEPS_IMAGE" --label "$LABEL" \
     --build-arg "GIT_SHA=$(git rev-parse HEAD 2>/dev/null)" -t "$WORKER_IMAGE" "$ctx" >"$LOGS/build.log" 2>&1 \

@@ -43,6 +43,8 @@ else
 fi
 
 CACHE="${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/rehearsal"
+PACKAGES="${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages"  # the workers read the host's package cache
+mkdir -p "$PACKAGES"
 LOGS=$(mktemp -d -t nanochat-rehearse-docker-XXXXXX)
 COUNTS="$LOGS/counts"
 : >"$COUNTS"
@@ -55,7 +57,7 @@ check() {  # check ok|FAIL "what" ["detail"]
 
 compose() {
   # A clean environment: the compose files interpolate GIT_SHA, NANOCHAT_BASE_DIR, ... from it.
-  env -i PATH="$PATH" HOME="$HOME" REHEARSAL_TAG="$TAG" ${DOCKER_HOST:+DOCKER_HOST="$DOCKER_HOST"} \
+  env -i PATH="$PATH" HOME="$HOME" REHEARSAL_TAG="$TAG" REHEARSAL_PACKAGES="$PACKAGES" ${DOCKER_HOST:+DOCKER_HOST="$DOCKER_HOST"} \
     "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml -f docker/compose.cpu.yaml -f docker/compose.rehearsal.yaml "$@"
 }
 

@@ -43,11 +43,16 @@ else
 fi
 
 CACHE="${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/rehearsal"
-PACKAGES="${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages"  # the workers read the host's package cache
-mkdir -p "$PACKAGES"
 LOGS=$(mktemp -d -t nanochat-rehearse-docker-XXXXXX)
 COUNTS="$LOGS/counts"
 : >"$COUNTS"
+# The workers get a copy of the host's package cache (writable: the stages lock files in it), the host's CA
+# bundle and the index pip uses here, to ask whether a package they lack is served.
+PACKAGES="$LOGS/packages"
+mkdir -p "$PACKAGES" "${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages"
+cp -r "${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages/." "$PACKAGES/" && chmod -R a+rwX "$PACKAGES"
+HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+PIP_INDEX=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || python3 -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)' 2>/dev/null)}
 mkdir -p "$CACHE"
 
 check() {  # check ok|FAIL "what" ["detail"]
@@ -57,7 +62,8 @@ check() {  # check ok|FAIL "what" ["detail"]
 
 compose() {
   # A clean environment: the compose files interpolate GIT_SHA, NANOCHAT_BASE_DIR, ... from it.
-  env -i PATH="$PATH" HOME="$HOME" REHEARSAL_TAG="$TAG" REHEARSAL_PACKAGES="$PACKAGES" ${DOCKER_HOST:+DOCKER_HOST="$DOCKER_HOST"} \
+  env -i PATH="$PATH" HOME="$HOME" REHEARSAL_TAG="$TAG" REHEARSAL_PACKAGES="$PACKAGES" REHEARSAL_CA="$HOST_CA" \
+    REHEARSAL_PIP_INDEX_URL="$PIP_INDEX" ${DOCKER_HOST:+DOCKER_HOST="$DOCKER_HOST"} \
     "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml -f docker/compose.cpu.yaml -f docker/compose.rehearsal.yaml "$@"
 }
 

@@ -232,7 +232,8 @@ def partition(hosts: dict[str, str], reference: list[float]) -> None:
     changed = sorted(k for k in after if k in before_reconnect and after[k] != before_reconnect[k])
     still = len(stage_processes(victim))
     check(not late and not changed,
-          f"partition: {host} wrote nothing into {out} after the takeover (fencing), also after `docker network connect`",
+          f"partition: {host} wrote nothing into {out} after the takeover, also after `docker network connect` "
+          "(observed: S3 is behind the same cut; no fencing token exists yet, issue 27)",
           f"{len(late)} objects written after the re-run finished: {', '.join(late[:6])}; "
           f"{still} stage processes alive there 60 s after reconnecting")
     verified = probe("verify", out)

@@ -80,6 +80,7 @@ finish() {
   [ -n "${TAG:-}" ] && compose logs --no-color --timestamps >"$LOGS/stack.log" 2>&1
   [ -n "${TAG:-}" ] && compose down --volumes --remove-orphans --timeout 5 >>"$LOGS/down.log" 2>&1
   remove_labelled
+  rm -rf "$PACKAGES"  # the workers' copy of the package cache
   local left
   left=$( (docker ps -aq --filter "label=$LABEL"; docker network ls -q --filter "label=$LABEL"; docker volume ls -q --filter "label=$LABEL") | wc -l)
   if [ "$left" -eq 0 ]; then check ok "every container, network and volume labelled $LABEL is removed"
@@ -201,7 +202,9 @@ build_images() {
   docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1  # earlier builds' untagged layers
   local size
   size=$(docker image inspect -f '{{.Size}}' "$WORKER_IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')
-  check ok "worker image $WORKER_IMAGE ($size, $(grep -o 'torch [0-9.+a-z]*' "$LOGS/build.log" | tail -1)) in $(( $(date +%s) - t0 )) s"
+  local torch_line
+  torch_line=$(grep -o 'torch [0-9.+a-z]*' "$LOGS/build.log" | tail -1)
+  check ok "worker image $WORKER_IMAGE ($size${torch_line:+, $torch_line}) in $(( $(date +%s) - t0 )) s"
 }
 
 remove_labelled  # what an earlier run left (a killed shell, a power cut)

@@ -3,7 +3,8 @@
 the stack's S3 as any node does and prints one JSON value. Never run on the host.
 
     wait-checkpoint DIR TIMEOUT       first complete checkpoint step in DIR (null on timeout)
-    wait-state FLOW_RUN TIMEOUT KIND  the flow run's state once it is KIND (crashed | final), task-run states
+    wait-state FLOW_RUN TIMEOUT KIND  the flow run's state once it is KIND (crashed | final | settled: final
+                                      but not Crashed), task-run states
     run-info FLOW_RUN                 its state and task-run states
     losses DIR                        train/loss per step from DIR/metrics.jsonl, and DIR/result.json
     objects DIR                       every object under DIR: name -> [LastModified (epoch s), size]
@@ -41,7 +42,7 @@ def _info(client, flow_run_id: str) -> dict:
     run = client.read_flow_run(flow_run_id)
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
     return {"state": run.state.name if run.state else None, "type": run.state.type.value if run.state else None,
-            "message": (run.state.message or "")[:300] if run.state else "",
+            "message": (run.state.message or "")[:300] if run.state else "", "run_count": run.run_count,
             "tasks": {t.name: t.state.name if t.state else "?" for t in tasks}}
 
 
@@ -50,7 +51,9 @@ def wait_state(flow_run_id: str, timeout: str, kind: str):
     with _client() as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            done = run.state and (run.state.is_crashed() if kind == "crashed" else run.state.is_final())
+            # settled: final and not Crashed (the recovery automation takes a Crashed run back to the pool)
+            done = run.state and (run.state.is_crashed() if kind == "crashed" else
+                                  run.state.is_final() and not (kind == "settled" and run.state.is_crashed()))
             if done or time.time() > deadline:
                 return {**_info(client, flow_run_id), "reached": bool(done)}
             time.sleep(1)

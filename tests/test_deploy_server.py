@@ -99,6 +99,9 @@ def test_smoke_deployment_runs_on_a_process_worker(first_run, tmp_path):
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "NANOCHAT_BASE_DIR": str(base),
         "NANOCHAT_FLOW_ROOT": str(REPO),
+        # The venv activated, as the README starts a worker: the smoke deployment's command is
+        # `prefect flow-run execute`, found on the worker's PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
     def prefect(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:

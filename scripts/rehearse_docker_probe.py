@@ -52,7 +52,9 @@ def wait_state(flow_run_id: str, timeout: str, kind: str):
         while True:
             run = client.read_flow_run(flow_run_id)
             # settled: final and not Crashed (the recovery automation takes a Crashed run back to the pool)
-            done = run.state and (run.state.is_crashed() if kind == "crashed" else
+            # crashed: ever Crashed (the recovery automation moves it on within a second)
+            done = run.state and (any(st.is_crashed() for st in client.read_flow_run_states(flow_run_id))
+                                  if kind == "crashed" else
                                   run.state.is_final() and not (kind == "settled" and run.state.is_crashed()))
             if done or time.time() > deadline:
                 return {**_info(client, flow_run_id), "reached": bool(done)}

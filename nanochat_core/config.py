@@ -100,6 +100,9 @@ class CorpusConfig(StageConfig):
         json_schema_extra={"flag": "from", "repeat": True},
     )
     text_field: str = Field("text", description="the JSON field or parquet column holding the text (--from files)")
+    out: str | None = Field(
+        None, description="output directory or fsspec URL (unset: <base>/sample_corpus)"
+    )
 
     @classmethod
     def merged(cls, current: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -113,9 +116,6 @@ class CorpusConfig(StageConfig):
         if isinstance(given, dict) and given.get("sources") and "tiers" not in given:
             return {**given, "tiers": []}
         return given
-    out: str | None = Field(
-        None, description="output directory or fsspec URL (unset: <base>/sample_corpus)"
-    )
 
 
 class DownloadConfig(StageConfig):

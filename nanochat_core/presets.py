@@ -186,9 +186,9 @@ def from_parameters(value: Any) -> Any:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     data = PRESETS[name]().model_dump()
     for key, given in value.items():
-        section = PipelineConfig.model_fields[key].annotation if key in PipelineConfig.model_fields else None
-        if isinstance(given, dict) and isinstance(data.get(key), dict) and hasattr(section, "merged"):
-            data[key] = section.merged(data[key], given)
+        if isinstance(given, dict) and isinstance(data.get(key), dict):
+            section = PipelineConfig.model_fields[key].annotation if key in PipelineConfig.model_fields else None
+            data[key] = section.merged(data[key], given) if hasattr(section, "merged") else {**data[key], **given}
         else:
             data[key] = given
     return data

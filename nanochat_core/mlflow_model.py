@@ -46,6 +46,29 @@ ARTIFACT_NAME = "model"
 _fluent = threading.Lock()
 
 
+@contextlib.contextmanager
+def _fluent_store():
+    """The fluent API (log_model, register_model, models:/ downloads) pointed at this process's store,
+    one thread at a time; yields its URI. Both URIs are set every time: mlflow keeps a registry URI set
+    once for the life of the process and prefers it to the tracking URI, so a store set earlier (another
+    base dir, another test) would otherwise take this version. mlflow's setters also export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to os.environ; those are put back on the way out, or every
+    process started later (a stage, a speedrun) would inherit this store."""
+    with _fluent:
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield uri
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def _files(step: int) -> list[str]:
     # checkpoint.model_file / meta_file spell these; that module imports torch, which the flow must not.
     return [f"model_{step:06d}.pt", f"meta_{step:06d}.json"]
@@ -112,9 +135,8 @@ def register_checkpoint(run_id: str, ckpt_dir: str, step: int, family: str,
                         tags: dict[str, str] | None = None) -> str:
     """Log step `step` of `ckpt_dir` as the pyfunc model of run `run_id`, register it as a new version of
     `nanochat` and move alias `@<family>` onto it. Returns `models:/nanochat/<version>`."""
-    with tempfile.TemporaryDirectory(prefix="nanochat-register-") as tmp, _fluent:
+    with tempfile.TemporaryDirectory(prefix="nanochat-register-") as tmp, _fluent_store():
         artifacts = stage_files(ckpt_dir, step, tmp)
-        mlflow.set_tracking_uri(tracking_uri())
         # The logged model goes to the fluent API's experiment: the run's, not Default (./mlruns).
         mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
         # Model.log, not pyfunc.log_model: it takes the run id, so no fluent run is opened (and ended)
@@ -166,13 +188,11 @@ def resolve_model_uri(uri: str, dst: str | None = None) -> str:
     MLflow resolves the URI and downloads the version (to `dst`, else a fresh temp dir); the copy's meta
     then points at the copy's tokenizer."""
     dst = dst or tempfile.mkdtemp(prefix="nanochat-model-")
-    with _fluent:
-        # A models:/ URI is resolved through the fluent registry URI, which download_artifacts'
-        # tracking_uri argument does not set: left unset, MLflow looked in (and created) ./mlflow.db in the
-        # current directory and found no model. The registry is where the pipeline registered: its store.
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_registry_uri(tracking_uri())
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri())
+    # A models:/ URI is resolved through the fluent registry URI, which download_artifacts' tracking_uri
+    # argument does not set: left unset, MLflow looked in (and created) ./mlflow.db in the current
+    # directory and found no model. The registry is where the pipeline registered: its store.
+    with _fluent_store() as store:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=store)
     checkpoint, tokenizer = os.path.join(local, "artifacts", "checkpoint"), os.path.join(local, "artifacts", "tokenizer")
     if not os.path.isdir(checkpoint):  # a version registered before models carried their files
         return local

@@ -59,7 +59,10 @@ def tracking_uri() -> str:
 def client():
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    uri = tracking_uri()
+    # The registry is the same store: left out, MlflowClient takes the process's fluent registry URI,
+    # which mlflow keeps from the last set_registry_uri (another store, when the base dir changed).
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(c=None) -> str:

@@ -332,6 +332,12 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     def run_of(run_id: str):
         return client.read_flow_run(run_id)
 
+    def settled(run_id: str) -> bool:
+        # One read per look: Crashed is final but, under the recovery automation, the run leaves it within
+        # a second; reading the state twice once saw Crashed, then Recovering, and took that for the end.
+        state = run_of(run_id).state
+        return state.is_final() and not state.is_crashed()
+
     def attempt_running(run_id: str, attempt: int) -> bool:
         run = run_of(run_id)
         return run.run_count >= attempt and run.state.is_running()
@@ -400,7 +406,7 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
           f"{killed} processes killed at checkpoint {killed_at_step}; Crashed after {crashed_s} s, Recovering after "
           f"{recovering_s} s, attempt 3 Running after {recovered_s} s")
 
-    final = wait_for(lambda: run_of(run_id).state if run_of(run_id).state.is_final() else None, 900, every=2)
+    wait_for(lambda: settled(run_id), 900, every=2)
     final = run_of(run_id)
     check(final.state.is_completed(), "the run completed on its third attempt, one command in all",
           f"{final.state.name}, run_count {final.run_count}")
@@ -445,7 +451,7 @@ def rehearse(stack: Stack, check: Checks, root: Path, s3_port: int, prefect_port
     bad = {**CFG, "download": {"url_template": "file:///nonexistent/shard_{index:05d}.parquet"}}
     bad_id = run_deployment(bad)
     started = time.time()
-    wait_for(lambda: run_of(bad_id).state.is_final() and not run_of(bad_id).state.is_crashed(), 600, every=2)
+    wait_for(lambda: settled(bad_id), 600, every=2)
     time.sleep(5)  # an automation that would (wrongly) answer the Failed state has time to show it (it takes <1 s)
     run = run_of(bad_id)
     message = run.state.message or ""

@@ -32,6 +32,8 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.tracking._model_registry import utils as _registry_utils
+from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from nanochat_core import storage
 from nanochat_core.paths import join
@@ -49,20 +51,23 @@ _fluent = threading.Lock()
 @contextlib.contextmanager
 def _fluent_store():
     """The fluent API (log_model, register_model, models:/ downloads) pointed at this process's store,
-    one thread at a time; yields its URI. Both URIs are set every time: mlflow keeps a registry URI set
-    once for the life of the process and prefers it to the tracking URI, so a store set earlier (another
-    base dir, another test) would otherwise take this version. mlflow's setters also export
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to os.environ; those are put back on the way out, or every
-    process started later (a stage, a speedrun) would inherit this store."""
+    one thread at a time; yields its URI. Both URIs are set: mlflow prefers a registry URI set once to
+    the tracking URI. On the way out the process is left as it was, the URIs mlflow keeps (module
+    globals, read as mlflow's own _use_tracking_uri does) and the MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI its setters export: left set, they sent a later MlflowClient of this process, and
+    every process started later (a stage, a speedrun), to this store instead of the one they named."""
     with _fluent:
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved = _tracking_utils._tracking_uri, _registry_utils._registry_uri
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
             yield uri
         finally:
-            for key, value in saved.items():
+            mlflow.set_tracking_uri(saved[0])  # None exports nothing
+            mlflow.set_registry_uri(saved[1])
+            for key, value in saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:

@@ -72,6 +72,24 @@ def test_versions_own_their_files_and_aliases_move(tmp_path):
         assert meta["trained_tokenizer_dir"] == str(tmp_path / "tokenizer")
 
 
+def test_registering_leaves_the_process_s_mlflow_uris_as_they_were(tmp_path):
+    """Registration and models:/ downloads point MLflow's fluent URIs at the pipeline's store only while
+    they run: a client this process opens later on another store, and a process it starts, see that store
+    (a registry URI left set once sent a test's client on a tracking server to another test's SQLite file)."""
+    import mlflow
+    from serve_fixtures import make_tiny_checkpoint
+
+    from nanochat_core import mlflow_model
+
+    before = mlflow.get_registry_uri(), mlflow.get_tracking_uri()
+    run = tracking.start_pipeline_run("t", {}, {})
+    uri = mlflow_model.register_checkpoint(run, make_tiny_checkpoint(str(tmp_path)), 0, "base")
+    mlflow_model.resolve_model_uri(uri)
+    assert (mlflow.get_registry_uri(), mlflow.get_tracking_uri()) == before
+    assert not {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"} & set(os.environ)
+    assert MlflowClient(f"sqlite:///{tmp_path}/other.db").search_registered_models() == []
+
+
 def test_registration_without_the_tokenizer_fails_loudly(tmp_path):
     import shutil
 

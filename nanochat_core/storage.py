@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -143,6 +144,18 @@ def read_bytes(url: str) -> bytes:
 
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str):
+    """The JSON document at `url`; None when there is none or it does not parse (a write cut short, a
+    stranger's file): a manifest or record read this way counts as absent, and what it described is
+    checked or built again."""
+    if not exists(url):
+        return None
+    try:
+        return json.loads(read_text(url))
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError from bytes that are no text at all
+        return None
 
 
 def temp_name(path: str) -> str:

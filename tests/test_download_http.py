@@ -133,6 +133,20 @@ def test_local_source_checks_the_corpus_manifest(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(os.path.join(data_dir(), shard_name(1)))
 
 
+def test_a_download_manifest_cut_short_is_checked_again(tmp_path):
+    """The download's own manifest.json cut short by a crash: the re-run checks the shards it finds and
+    writes the manifest whole, instead of a JSON traceback."""
+    root = tmp_path / "corpus"
+    write_shards(make_docs(2000, seed=3), str(root), shard_chars=200_000)
+    download_stage.main(["-n", "1", "--url-template", str(root)])
+    manifest = os.path.join(data_dir(), "manifest.json")
+    whole = json.loads(open(manifest).read())
+    with open(manifest, "w") as f:
+        f.write('{"source": "')
+    download_stage.main(["-n", "1", "--url-template", str(root)])
+    assert json.loads(open(manifest).read())["shards"] == whole["shards"]
+
+
 def test_sample_source_without_a_corpus_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         download_stage.main(["--preset", "tiny"])

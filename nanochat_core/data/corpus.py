@@ -58,19 +58,9 @@ def _key(source_names: list[str], shard_chars: int, archives: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_manifest(out: str) -> dict | None:
-    url = join(out, MANIFEST)
-    if not storage.exists(url):
-        return None
-    try:
-        return json.loads(storage.read_text(url))
-    except ValueError:
-        return None
-
-
 def _cached_manifest(out: str, key: str) -> dict | None:
     """The existing manifest if it describes this exact build and every shard is still there."""
-    manifest = _read_manifest(out)
+    manifest = storage.read_json(join(out, MANIFEST))
     if manifest is None or manifest.get("key") != key:
         return None
     for entry in manifest["shards"]:
@@ -122,7 +112,7 @@ def _available(selected: list[Source], skipped_before: dict[str, str]) -> tuple[
 
 def _tier_sources(selected: list[Source], out: str) -> tuple[list[tuple[Source, Path]], dict[str, str]]:
     """`_available`, failing when a whole tier is gone (a tier asked for must hold some text)."""
-    present, skipped = _available(selected, (_read_manifest(out) or {}).get("skipped", {}))
+    present, skipped = _available(selected, (storage.read_json(join(out, MANIFEST)) or {}).get("skipped", {}))
     if lost := sorted({s.tier for s in selected} - {s.tier for s, _ in present}):
         raise UserError(f"no text for tier {', '.join(lost)}: {'; '.join(skipped.values())}; "
                         "choose other tiers with --tiers, or put the archives into the package cache by hand")

@@ -261,7 +261,7 @@ def download_shards(
     storage.makedirs(dest_dir)
     removed = storage.remove_stale_temps(dest_dir)
     manifest_url = join(dest_dir, MANIFEST)
-    prior_manifest = json.loads(storage.read_text(manifest_url)) if storage.exists(manifest_url) else {}
+    prior_manifest = storage.read_json(manifest_url) or {}  # one cut short: every shard is checked again
     prior = {e["index"]: e for e in prior_manifest.get("shards", [])}
     if prior_manifest.get("source") != template:
         # Shards from another source would mix into this one (and its val shard could outrank

@@ -227,14 +227,11 @@ def read_manifest(bundle: str) -> dict:
     """The bundle's manifest; {} when there is none or it is not JSON (a write cut short): the bundle then
     counts as unbuilt, and eval_bundle builds it again rather than failing on it."""
     url = join(bundle, "manifest.json")
-    if not storage.exists(url):
-        return {}
-    try:
-        return json.loads(storage.read_text(url))
-    except ValueError:
+    manifest = storage.read_json(url)
+    if manifest is None and storage.exists(url):
         warn(f"{url} is not valid JSON (a write cut short?); the bundle counts as unbuilt: "
              "`nanochat eval-bundle` builds it again")
-        return {}
+    return manifest or {}
 
 
 def write_manifest(bundle: str, manifest: dict) -> None:

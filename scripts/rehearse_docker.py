@@ -226,8 +226,7 @@ def partition(hosts: dict[str, str], reference: list[float]) -> None:
     finished = time.time()
     before_reconnect = probe("objects", out)
     docker("network", "connect", NETWORK, victim)
-    # Time for whatever the cut-off worker still had queued (an S3 PUT retried, a Prefect retry of base_train).
-    time.sleep(60)
+    quiet_s = quiet_after(victim, 60)
     after = probe("objects", out)
     late = sorted(k for k, (mtime, _) in after.items() if mtime > finished + 1)
     changed = sorted(k for k in after if k in before_reconnect and after[k] != before_reconnect[k])
@@ -236,12 +235,26 @@ def partition(hosts: dict[str, str], reference: list[float]) -> None:
           f"partition: {host} wrote nothing into {out} after the takeover, also after `docker network connect` "
           "(S3 is behind the same cut here; where it is not, fencing stops the cut-off attempt before a checkpoint write)",
           f"{len(late)} objects written after the next attempt finished: {', '.join(late[:6])}; "
-          f"{still} stage processes alive there 60 s after reconnecting")
+          f"its flow run and stage processes gone {quiet_s:.0f} s after reconnecting, {still} left then")
     verified = probe("verify", out)
     got = probe("losses", out)
     check(not verified["unreadable"] and set(verified["loaded"]) and got["losses"] == reference,
           "partition: after reconnecting nothing is corrupted (every checkpoint loads, losses as uninterrupted)",
           f"steps {verified['steps']}, unreadable {verified['unreadable']}")
+
+
+def quiet_after(name: str, at_most: float) -> float:
+    """Seconds from now until container `name` runs neither a flow run (prefect.engine) nor a stage: what
+    the cut-off worker still had queued (an S3 PUT retried, a Prefect retry of base_train) has run or was
+    stopped by then; then 10 s more for a write already in flight. At most `at_most` s in all."""
+    t0 = time.time()
+    while time.time() - t0 < at_most - 10:
+        if not stage_processes(name) and not any("prefect.engine" in ln for ln in docker("top", name, "-eo", "pid,args").stdout.splitlines()):
+            break
+        time.sleep(2)
+    quiet = time.time() - t0
+    time.sleep(10)
+    return quiet
 
 
 def wait_healthy(names: list[str], timeout: float) -> None:

@@ -196,7 +196,7 @@ build_images() {
       --interpreter /usr/bin/python3.11 --out "$ctx/wheels" \
     && SOURCE_DATE_EPOCH=315532800 "$UV_BIN" build --quiet --wheel --out-dir "$ctx/wheels" .; } >"$LOGS/wheels.log" 2>&1 \
     || { check FAIL "tokenizer_rs (maturin) and nanochat-flow wheels built on the host" "$LOGS/wheels.log"; return 1; }
-  DOCKER_BUILDKIT=0 docker build -f docker/Dockerfile.rehearsal --build-arg "DEPS_IMAGE=$DEPS_IMAGE" --label "$LABEL" \
+  DOCKER_BUILDKIT=0 docker build -f docker/Dockerfile.rehearsal --build-arg "DEPS_IMAGE=$DEPS_IMAGE" \
     --build-arg "GIT_SHA=$(git rev-parse HEAD 2>/dev/null)" -t "$WORKER_IMAGE" "$ctx" >"$LOGS/build.log" 2>&1 \
     || { check FAIL "worker image from docker/Dockerfile.rehearsal" "$LOGS/build.log"; return 1; }
   docker image prune --force --filter "label=$LABEL" >/dev/null 2>&1  # earlier builds' untagged layers

@@ -52,7 +52,7 @@ PACKAGES="$LOGS/packages"
 mkdir -p "$PACKAGES" "${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages"
 cp -r "${NANOCHAT_FLOW_CACHE:-$HOME/.cache/nanochat-flow}/packages/." "$PACKAGES/" && chmod -R a+rwX "$PACKAGES"
 HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
-PIP_INDEX=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || python3 -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)' 2>/dev/null)}
+PIP_INDEX=${PIP_INDEX_URL:-$(.venv/bin/python -c 'from nanochat_core.data.packages import index_url; print(index_url())' 2>/dev/null)}
 mkdir -p "$CACHE"
 
 check() {  # check ok|FAIL "what" ["detail"]
@@ -98,8 +98,10 @@ trap 'exit 130' INT TERM
 # --- images ---------------------------------------------------------------------------------------------
 BASE_PACKAGES=python3.11,python3.11-venv,ca-certificates,postgresql-15,gcc,g++,libc6-dev,procps
 MOTO=moto[server]==5.2.5
-# uv's own binary (copied into the images), not a shim that execs it (pyenv's): scripts/setup.sh pip-installs it.
-UV_BIN=$(python3 -c 'import uv; print(uv.find_uv_bin())' 2>/dev/null || command -v uv)
+# uv's own binary (copied into the images), not a shim that execs it (pyenv's): scripts/setup.sh pip-installs it
+# into the machine's python3, which is not the one on PATH while the project's venv is activated.
+MACHINE_PYTHON=$(PATH=${PATH//"${VIRTUAL_ENV:-/-}/bin:"/} command -v python3)
+UV_BIN=$("$MACHINE_PYTHON" -c 'import uv; print(uv.find_uv_bin())' 2>/dev/null || command -v uv)
 if ! head -c 4 "$UV_BIN" 2>/dev/null | grep -q ELF; then
   echo "rehearse_docker: uv's binary was not found (\`python3 -m pip install uv\` or run \`bash scripts/setup.sh\`)"
   exit 1

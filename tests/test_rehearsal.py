@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_rehearsal_passes_every_check():
-    # 932 s and 1,156 s in two runs on 2 cores shared with other work (Dec 2026); the bound leaves room for a slow machine.
+    # 616 s alone on 2 cores; 932 s and 1,156 s on cores shared with other work (Dec 2026). The bound leaves room for a slow machine.
     out = subprocess.run(["bash", "scripts/rehearse.sh"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     print(out.stdout)
     lines = out.stdout.strip().splitlines()

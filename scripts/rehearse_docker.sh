@@ -106,15 +106,6 @@ if ! head -c 4 "$UV_BIN" 2>/dev/null | grep -q ELF; then
   echo "rehearse_docker: uv's binary was not found (\`python3 -m pip install uv\` or run \`bash scripts/setup.sh\`)"
   exit 1
 fi
-# The base and the locked environment change only with these; the worker image is rebuilt every run
-# (the legacy builder's layer cache makes that seconds when the code did not change).
-IMAGES_VERSION=3  # bump when what build_root / build_envs put into the images changes
-TAG=$(cat uv.lock pyproject.toml <(echo "$IMAGES_VERSION $BASE_PACKAGES $MOTO $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
-BASE_IMAGE=nanochat-rehearsal/base:$TAG
-DEPS_IMAGE=nanochat-rehearsal/deps:$TAG
-WORKER_IMAGE=nanochat-rehearsal/worker:$TAG
-export TAG
-
 # docker/Dockerfile's runtime stage's ENV, WORKDIR, CMD and LABEL, given to the environment's image when it is
 # imported, where they cost nothing: on this engine (legacy builder, fuse-overlayfs) every Dockerfile step
 # commits a layer by walking the whole 7.6 GB tree, ~25 s each whatever it does (an ENV as much as a RUN;
@@ -126,6 +117,15 @@ RUNTIME_CONFIG=(
   --change 'CMD ["nanochat", "--help"]'
   --change 'LABEL org.opencontainers.image.title="nanochat-flow" org.opencontainers.image.description="nanochat-flow worker image (local rehearsal build)"'
 )
+
+# The base and the locked environment change only with these; the worker image is rebuilt every run
+# (the legacy builder's layer cache makes that seconds when the code did not change).
+IMAGES_VERSION=3  # bump when what build_root / build_envs put into the images changes
+TAG=$(cat uv.lock pyproject.toml <(echo "$IMAGES_VERSION $BASE_PACKAGES $MOTO ${RUNTIME_CONFIG[*]} $("$UV_BIN" --version)") | sha256sum | cut -c1-12)
+BASE_IMAGE=nanochat-rehearsal/base:$TAG
+DEPS_IMAGE=nanochat-rehearsal/deps:$TAG
+WORKER_IMAGE=nanochat-rehearsal/worker:$TAG
+export TAG
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 

@@ -94,16 +94,26 @@ def host_of(hosts: dict[str, str], exclude: str | None = None, timeout: float = 
     deadline = time.time() + timeout
     while time.time() < deadline:
         for host, name in hosts.items():
-            if host != exclude and any("prefect.engine" in ln for ln in docker("top", name, "-eo", "pid,args").stdout.splitlines()):
+            if host != exclude and processes(name, FLOW_RUN):
                 return host
         time.sleep(1)
     raise RuntimeError(f"no worker took the flow run within {timeout:.0f} s")
 
 
-def stage_processes(name: str) -> list[str]:
-    """The torchrun / stage processes running in a container (its process table, seen from the host)."""
+FLOW_RUN = ("prefect.engine",)  # the process worker's child for a flow run
+STAGE = ("nanochat_core.stages", "torchrun")
+
+
+def processes(name: str, marks: tuple[str, ...]) -> list[str]:
+    """The processes of a container (its process table, seen from the host) whose command line holds one
+    of `marks`."""
     out = docker("top", name, "-eo", "pid,args")
-    return [ln for ln in out.stdout.splitlines() if "nanochat_core.stages" in ln or "torchrun" in ln]
+    return [ln for ln in out.stdout.splitlines() if any(m in ln for m in marks)]
+
+
+def stage_processes(name: str) -> list[str]:
+    """The torchrun / stage processes running in a container."""
+    return processes(name, STAGE)
 
 
 def save_logs() -> None:
@@ -249,7 +259,7 @@ def quiet_after(name: str, at_most: float) -> float:
     stopped by then; then 10 s more for a write already in flight. At most `at_most` s in all."""
     t0 = time.time()
     while time.time() - t0 < at_most - 10:
-        if not stage_processes(name) and not any("prefect.engine" in ln for ln in docker("top", name, "-eo", "pid,args").stdout.splitlines()):
+        if not processes(name, FLOW_RUN + STAGE):
             break
         time.sleep(2)
     quiet = time.time() - t0
